@@ -1,0 +1,242 @@
+"""Command-line interface: parse, build the config, call the library. Heavy imports stay inside handlers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hevisum.errors import HevisumError
+
+INPUT_HELP = (
+    "a competition HDF5 file (images/ + spots/), a 10x Visium Space Ranger folder (with spatial/), "
+    "a legacy Spatial Transcriptomics folder (image + spot table + targets table), or an AnnData .h5ad"
+)
+
+
+def _add_reader_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reading inputs")
+    g.add_argument(
+        "--targets",
+        default=None,
+        help="which targets to read where an input offers several: for her2st folders 'celltypes_subset' "
+        "(41 types, default), 'celltypes_major' (8) or 'counts'; for Visium/legacy ST a path to a TSV/CSV "
+        "table keyed by barcode or '{x}x{y}'; for Visium 'h5' reads filtered_feature_bc_matrix.h5",
+    )
+    g.add_argument(
+        "--image",
+        default="auto",
+        choices=["auto", "hires", "lowres", "full"],
+        help="Visium: which image to use (auto = hires if present, else lowres); coordinates are scaled to it",
+    )
+    g.add_argument(
+        "--top-genes",
+        type=int,
+        default=50,
+        help="when targets are gene counts: keep this many most variable genes, as log1p(counts/total*1e4)",
+    )
+    g.add_argument(
+        "--test",
+        nargs="*",
+        default=None,
+        metavar="SLIDE",
+        help="slide ids to treat as Test (no targets used) where the input does not say",
+    )
+
+
+def _reader_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "targets": args.targets,
+        "image": args.image,
+        "top_genes": args.top_genes,
+        "test_slides": args.test,
+    }
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from hevisum.io import read_inputs
+    from hevisum.io.competition import write_competition_h5
+
+    out = Path(args.out)
+    if out.suffix.lower() == ".h5ad":
+        from hevisum.io.anndata_io import write_h5ad
+
+        slides = read_inputs(args.inputs, **_reader_kwargs(args))
+        write_h5ad(slides, out)
+    else:
+        slides = read_inputs(args.inputs, **_reader_kwargs(args))
+        write_competition_h5(slides, out)
+    n_train = sum(s.split == "train" for s in slides)
+    print(f"wrote {out}: {len(slides)} slide(s), {n_train} Train, {len(slides) - n_train} Test, "
+          f"{sum(s.n_spots for s in slides)} spots")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from hevisum.demo import DemoSpec, write_demo
+
+    spec = DemoSpec(
+        n_train=args.n_train, n_test=args.n_test, n_spots=args.spots, n_targets=args.n_targets, seed=args.seed
+    )
+    write_demo(Path(args.out), spec)
+    print(f"wrote {args.out}: {spec.n_train} Train + {spec.n_test} Test slides, ~{spec.n_spots} spots each, "
+          f"{spec.n_targets} targets (seed {spec.seed})")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from hevisum.config import PreprocessConfig, load_config
+    from hevisum.io import read_inputs
+    from hevisum.preprocess.pipeline import preprocess
+
+    cfg = load_config(PreprocessConfig, args.config, overrides=_tiles_overrides(args))
+    slides = read_inputs([args.input], **_reader_kwargs(args))
+    prepared = preprocess(slides, cfg, Path(args.out), progress=not args.quiet)
+    print(f"wrote {args.out}: {prepared.summary()}")
+    return 0
+
+
+def _tiles_overrides(args: argparse.Namespace) -> dict:
+    over: dict = {}
+    if getattr(args, "tile_size", None):
+        over.setdefault("tiles", {})["size"] = args.tile_size
+    return over
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hevisum.pipeline import run_pipeline
+
+    run_pipeline(
+        inputs=[args.input] if args.input else None,
+        out=Path(args.out),
+        config_path=args.config,
+        profile=args.profile,
+        truth=args.truth,
+        seed=args.seed,
+        reader_kwargs=_reader_kwargs(args),
+        device=args.device,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hevisum.predict import predict_from_run
+
+    predict_from_run(Path(args.run_dir), args.input, Path(args.out), reader_kwargs=_reader_kwargs(args),
+                     progress=not args.quiet)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from hevisum.metrics import evaluate_files
+
+    result = evaluate_files(args.pred, args.truth)
+    print(json.dumps(result, indent=2 if args.pretty else None))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hevisum",
+        description="Predict the molecular profile (cell-type abundances or gene expression) of every "
+        "spatial-transcriptomics spot from an H&E image.",
+        epilog="Start with 'hevisum run --out runs/demo' (generated demo data), then point it at your data.",
+    )
+    from hevisum import __version__
+
+    p.add_argument("--version", action="version", version=f"hevisum {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="turn any supported input into the competition HDF5 layout (or .h5ad)",
+                       description="Read one or several inputs and write them as one competition-layout HDF5 "
+                       "(images/{Train,Test}/<slide>, spots/{Train,Test}/<slide>), or as .h5ad when OUT ends so. "
+                       f"Inputs: {INPUT_HELP}.")
+    c.add_argument("inputs", nargs="+", metavar="INPUT", help="input file(s) or folder(s)")
+    c.add_argument("out", metavar="OUT", help="output .h5 (competition layout) or .h5ad")
+    _add_reader_options(c)
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("demo-data", help="write a synthetic dataset in the competition layout",
+                       description="Write a deterministic synthetic H&E-like dataset with a learnable image->target "
+                       "signal, tissue on a background, and spot grids shifted by known amounts on some slides "
+                       "(stored in the file as the 'applied_shift' attribute of each spots dataset).")
+    d.add_argument("out", metavar="OUT.h5")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--n-train", type=int, default=4, help="training slides (default 4)")
+    d.add_argument("--n-test", type=int, default=1, help="test slides (default 1)")
+    d.add_argument("--spots", type=int, default=300, help="approximate spots per slide (default 300)")
+    d.add_argument("--n-targets", type=int, default=35, help="targets per spot (default 35)")
+    d.set_defaults(func=cmd_demo_data)
+
+    pp = sub.add_parser("preprocess", help="stain-normalise, mask, realign, filter, rank and tile",
+                        description="Run the preprocessing pipeline and write a work folder: the tile cache "
+                        "(tiles.npy, memory-mappable uint8), spots.csv, targets, qc.json, QC PNGs and the resolved "
+                        "config.toml. Each step is switchable in the config file (TOML).")
+    pp.add_argument("input", metavar="INPUT", help=INPUT_HELP)
+    pp.add_argument("--out", required=True, metavar="WORKDIR", help="work folder to write")
+    pp.add_argument("--config", default=None, metavar="FILE", help="TOML config (see docs/config.md)")
+    pp.add_argument("--tile-size", type=int, default=None, help="model input side in px (default 78)")
+    pp.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_reader_options(pp)
+    pp.set_defaults(func=cmd_preprocess)
+
+    r = sub.add_parser("run", help="the main job: preprocess, cross-validate, train, ensemble, predict, report",
+                       description="Preprocess, leave-one-slide-out cross-validation, train, ensemble and stack, "
+                       "predict the Test slides, evaluate and write report.html. With no INPUT it runs on "
+                       "generated demo data.")
+    r.add_argument("input", nargs="?", default=None, metavar="INPUT", help=INPUT_HELP + " (default: demo data)")
+    r.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
+    r.add_argument("--config", default=None, metavar="FILE", help="TOML config (see docs/config.md)")
+    r.add_argument("--profile", default=None, choices=["fast", "reference"],
+                   help="fast: frozen pretrained encoder + ridge/MLP heads (default on CPU); "
+                   "reference: train the reference CNN")
+    r.add_argument("--truth", default=None, metavar="T.csv",
+                   help="truth for the Test slides (slide, ID, C1..Cn) to add the test evaluation")
+    r.add_argument("--seed", type=int, default=None, help="random seed (default from config, 0)")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_reader_options(r)
+    r.set_defaults(func=cmd_run)
+
+    pr = sub.add_parser("predict", help="predict new slides with a finished run folder",
+                        description="Load the models, stain target and config saved in RUN_DIR and predict every "
+                        "spot of INPUT; writes predictions.csv, submission_<slide>.csv and predictions.h5ad.")
+    pr.add_argument("run_dir", metavar="RUN_DIR")
+    pr.add_argument("input", metavar="INPUT", help=INPUT_HELP)
+    pr.add_argument("--out", required=True, metavar="DIR")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_reader_options(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("evaluate", help="score predictions against truth (per-spot Spearman etc.)",
+                       description="Both CSVs have columns slide, ID, C1..Cn (or named targets). Prints JSON with "
+                       "per-spot Spearman (the competition metric), per-target Spearman and Pearson, and MSE, per "
+                       "slide and overall.")
+    e.add_argument("--pred", required=True, metavar="P.csv")
+    e.add_argument("--truth", required=True, metavar="T.csv")
+    e.add_argument("--pretty", action="store_true", help="indent the JSON")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HevisumError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
