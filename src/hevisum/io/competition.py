@@ -1,0 +1,194 @@
+"""The competition HDF5 layout (Kaggle "EL Hackathon 2025").
+
+    images/Train/<slide>   uint8 (H, W, 3)
+    images/Test/<slide>    uint8 (H, W, 3)
+    spots/Train/<slide>    structured array: x, y, C1..Cn
+    spots/Test/<slide>     structured array: x, y, Test_Set
+    attrs["target_names"]  optional JSON list naming C1..Cn
+
+Spot ids are the row index in ``spots/<split>/<slide>`` (the submission's ``ID``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hevisum.errors import HevisumError
+from hevisum.io.atomic import atomic_path
+from hevisum.slide import Slide, check_same_targets, check_unique_ids
+
+_SPLIT_GROUPS = {"Train": "train", "Test": "test"}
+_TARGET_RE = re.compile(r"^C(\d+)$")
+
+
+def is_competition_h5(path: str | Path) -> bool:
+    """True when ``path`` is an HDF5 file with ``images`` and ``spots`` groups."""
+    import h5py
+
+    p = Path(path)
+    if not p.is_file() or not h5py.is_hdf5(p):
+        return False
+    with h5py.File(p, "r") as f:
+        return "images" in f and "spots" in f
+
+
+def read_competition_h5(path: str | Path, test_slides: list[str] | None = None) -> list[Slide]:
+    """Read every slide of a competition-layout HDF5 file.
+
+    ``test_slides`` moves named Train slides to the test split (their targets are kept in ``meta``
+    as truth but not used for training).
+    """
+    import h5py
+
+    p = Path(path)
+    if not p.is_file():
+        raise HevisumError(f"input file {str(p)!r} not found")
+    if not h5py.is_hdf5(p):
+        raise HevisumError(f"{p}: not an HDF5 file; expected the competition layout (images/, spots/)")
+    slides: list[Slide] = []
+    with h5py.File(p, "r") as f:
+        for group in ("images", "spots"):
+            if group not in f:
+                raise HevisumError(f"{p}: missing group {group!r}; expected images/{{Train,Test}}/<slide> and "
+                                   f"spots/{{Train,Test}}/<slide> (found {sorted(f.keys())})")
+        names = _target_names_attr(f, p)
+        for split_group, split in _SPLIT_GROUPS.items():
+            ig = f["images"].get(split_group)
+            sg = f["spots"].get(split_group)
+            if ig is None and sg is None:
+                continue
+            img_names = set(ig.keys()) if ig is not None else set()
+            spot_names = set(sg.keys()) if sg is not None else set()
+            for sid in sorted(img_names | spot_names, key=_natural_key):
+                if sid not in spot_names:
+                    raise HevisumError(f"{p}: slide {sid!r} has images/{split_group}/{sid} but no spots/{split_group}/{sid}")
+                if sid not in img_names:
+                    raise HevisumError(f"{p}: slide {sid!r} has spots/{split_group}/{sid} but no images/{split_group}/{sid}")
+                image = np.asarray(ig[sid][()])
+                ds = sg[sid]
+                slides.append(_slide_from_records(p, sid, split, image, ds[()], names, dict(ds.attrs)))
+    if not slides:
+        raise HevisumError(f"{p}: no slides under images/Train or images/Test")
+    for tid in test_slides or []:
+        match = [s for s in slides if s.slide_id == tid]
+        if not match:
+            raise HevisumError(f"{p}: --test slide {tid!r} not found; slides are {[s.slide_id for s in slides]}")
+        s = match[0]
+        if s.targets is not None:
+            s.meta["truth"] = s.targets
+            s.meta["truth_names"] = s.target_names
+        s.targets, s.split = None, "test"
+    check_unique_ids(slides)
+    for s in slides:
+        s.validate()
+    check_same_targets(slides)
+    return slides
+
+
+def _natural_key(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _target_names_attr(f, p: Path) -> list[str] | None:
+    raw = f.attrs.get("target_names")
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    if isinstance(raw, str):
+        try:
+            names = json.loads(raw)
+        except json.JSONDecodeError:
+            raise HevisumError(f"{p}: attribute 'target_names' is not a JSON list of strings") from None
+    else:
+        names = [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(raw).ravel()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise HevisumError(f"{p}: attribute 'target_names' must be a list of strings")
+    return names
+
+
+def _slide_from_records(p: Path, sid: str, split: str, image: np.ndarray, rec: np.ndarray,
+                        names: list[str] | None, attrs: dict) -> Slide:
+    where = f"{p}: spots/{'Train' if split == 'train' else 'Test'}/{sid}"
+    fields = rec.dtype.names or ()
+    for col in ("x", "y"):
+        if col not in fields:
+            raise HevisumError(f"{where}: missing field {col!r}; fields are {list(fields)} (expected x, y, C1..Cn)")
+    spots = pd.DataFrame({
+        "spot_id": np.arange(len(rec)).astype(str),
+        "x": rec["x"].astype(np.float64),
+        "y": rec["y"].astype(np.float64),
+    })
+    if "Test_Set" in fields:
+        spots["test_set"] = rec["Test_Set"].astype(np.int64)
+    tcols = sorted((c for c in fields if _TARGET_RE.match(c)), key=lambda c: int(c[1:]))
+    targets = None
+    target_names = None
+    if split == "train":
+        if not tcols:
+            raise HevisumError(f"{where}: training spots have no target fields C1..Cn; fields are {list(fields)}")
+        expected = [f"C{i + 1}" for i in range(len(tcols))]
+        if tcols != expected:
+            raise HevisumError(f"{where}: target fields {tcols[:5]}... are not C1..C{len(tcols)} without gaps")
+        targets = np.stack([rec[c].astype(np.float64) for c in tcols], axis=1)
+        if names is not None and len(names) != len(tcols):
+            raise HevisumError(f"{p}: attribute target_names has {len(names)} names but {sid!r} has {len(tcols)} "
+                               "target fields C1..Cn")
+        target_names = list(names) if names is not None else tcols
+    if image.ndim == 3 and image.shape[2] == 4:
+        raise HevisumError(f"{p}: images/{'Train' if split == 'train' else 'Test'}/{sid} is RGBA (H, W, 4); "
+                           "expected RGB (H, W, 3): drop the alpha channel")
+    meta: dict = {}
+    if "applied_shift" in attrs:
+        meta["applied_shift"] = tuple(float(v) for v in np.asarray(attrs["applied_shift"]).ravel())
+    if "um_per_px" in attrs:
+        meta["um_per_px"] = float(attrs["um_per_px"])
+    return Slide(slide_id=sid, image=image, spots=spots, targets=targets, target_names=target_names,
+                 um_per_px=meta.get("um_per_px"), split=split, source=str(p), meta=meta)
+
+
+def write_competition_h5(slides: list[Slide], path: str | Path) -> None:
+    """Write slides in the competition layout, atomically (temp file, then rename).
+
+    Train slides need targets; their names go to the file attribute ``target_names``. Test spots get
+    ``Test_Set`` from the spots column ``test_set`` when present, else 1. Coordinates are rounded to
+    integers as in the competition file. Slide metadata ``applied_shift`` and ``um_per_px`` are kept as
+    attributes of the spots dataset.
+    """
+    import h5py
+
+    check_unique_ids(slides)
+    names = check_same_targets([s for s in slides if s.split == "train"])
+    for s in slides:
+        s.validate()
+        if s.split == "train" and s.targets is None:
+            raise HevisumError(f"{s.where()}: a Train slide needs targets; mark it as Test instead (--test {s.slide_id})")
+    n_targets = len(names) if names else 0
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            if names:
+                f.attrs["target_names"] = json.dumps(names)
+            for s in slides:
+                grp = "Train" if s.split == "train" else "Test"
+                f.create_dataset(f"images/{grp}/{s.slide_id}", data=s.image, compression="gzip",
+                                 compression_opts=1, chunks=(min(256, s.image.shape[0]), min(256, s.image.shape[1]), 3))
+                xy = np.rint(s.xy).astype(np.int64)
+                if s.split == "train":
+                    dtype = [("x", "<i8"), ("y", "<i8")] + [(f"C{i + 1}", "<f8") for i in range(n_targets)]
+                    rec = np.zeros(s.n_spots, dtype=dtype)
+                    for i in range(n_targets):
+                        rec[f"C{i + 1}"] = s.targets[:, i]
+                else:
+                    rec = np.zeros(s.n_spots, dtype=[("x", "<i8"), ("y", "<i8"), ("Test_Set", "<i8")])
+                    rec["Test_Set"] = s.spots["test_set"].to_numpy() if "test_set" in s.spots else 1
+                rec["x"], rec["y"] = xy[:, 0], xy[:, 1]
+                ds = f.create_dataset(f"spots/{grp}/{s.slide_id}", data=rec)
+                if "applied_shift" in s.meta:
+                    ds.attrs["applied_shift"] = np.asarray(s.meta["applied_shift"], dtype=np.float64)
+                if s.um_per_px:
+                    ds.attrs["um_per_px"] = float(s.um_per_px)

@@ -1,0 +1,154 @@
+"""The methods cross-validation compares, behind one interface: fit on rows, predict rows, save, load.
+
+Feature methods (``mean``, ``colour-ridge``, ``effnet-ridge``, ``effnet-mlp``) fit a head on cached
+per-tile features. Tile methods (``hevisum-cnn``, ``effnet-finetune``) train a network on the tiles.
+Every fitted method saves to a folder as safetensors + JSON and reloads without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hevisum.config import FEATURE_METHODS, TILE_METHODS, RunConfig
+from hevisum.errors import HevisumError
+
+FEATURE_OF = {"mean": None, "colour-ridge": "colour", "effnet-ridge": "effnet", "effnet-mlp": "effnet"}
+NETWORK_OF = {"hevisum-cnn": "hevisum-cnn", "effnet-finetune": "effnet-lite0"}
+
+
+def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    from hevisum.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+
+
+def _load_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+@dataclass
+class LinearHead:
+    """Standardise features, then a ridge regression (alpha chosen by internal CV when not given)."""
+
+    alpha: float = 0.0
+    mean_: np.ndarray | None = None
+    scale_: np.ndarray | None = None
+    coef_: np.ndarray | None = None  # (F, T)
+    intercept_: np.ndarray | None = None  # (T,)
+    chosen_alpha_: float = 0.0
+
+    def fit(self, X: np.ndarray, Y: np.ndarray, seed: int = 0) -> "LinearHead":
+        from sklearn.linear_model import Ridge, RidgeCV
+
+        self.mean_ = X.mean(axis=0)
+        self.scale_ = X.std(axis=0) + 1e-6
+        Z = (X - self.mean_) / self.scale_
+        if self.alpha > 0:
+            model = Ridge(alpha=self.alpha).fit(Z, Y)
+            self.chosen_alpha_ = self.alpha
+        else:
+            model = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(Z, Y)
+            self.chosen_alpha_ = float(model.alpha_)
+        self.coef_ = np.asarray(model.coef_, dtype=np.float64).T
+        self.intercept_ = np.asarray(model.intercept_, dtype=np.float64)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return (((X - self.mean_) / self.scale_) @ self.coef_ + self.intercept_).astype(np.float32)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_, "intercept": self.intercept_,
+                "alpha": np.array([self.chosen_alpha_])}
+
+    @classmethod
+    def from_state(cls, st: dict[str, np.ndarray]) -> "LinearHead":
+        return cls(alpha=float(st["alpha"][0]), mean_=st["mean"], scale_=st["scale"], coef_=st["coef"],
+                   intercept_=st["intercept"], chosen_alpha_=float(st["alpha"][0]))
+
+
+@dataclass
+class FittedMethod:
+    """One fitted method of one fold: its name, what it was trained on, and its parameters."""
+
+    name: str
+    train_slides: list[str]
+    params: dict = field(default_factory=dict)  # JSON-safe hyper-parameters
+    tensors: dict = field(default_factory=dict)  # numpy arrays (heads) or the network state dict
+    log: object = None  # per-epoch DataFrame for tile methods
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        _save_tensors(folder / "model.safetensors", self.tensors)
+        from hevisum.io.atomic import atomic_write_text
+
+        atomic_write_text(folder / "model.json", json.dumps(
+            {"name": self.name, "train_slides": self.train_slides, "params": self.params}, indent=2))
+        if self.log is not None:
+            self.log.to_csv(folder / "log.csv", index=False)
+
+    @classmethod
+    def load(cls, folder: Path) -> "FittedMethod":
+        meta_path = folder / "model.json"
+        if not meta_path.is_file():
+            raise HevisumError(f"{folder}: no model.json; not a saved hevisum model folder")
+        meta = json.loads(meta_path.read_text())
+        return cls(name=meta["name"], train_slides=meta["train_slides"], params=meta["params"],
+                   tensors=_load_tensors(folder / "model.safetensors"))
+
+
+def fit_feature_method(name: str, X: np.ndarray | None, Y: np.ndarray, train_slides: list[str], cfg: RunConfig,
+                       seed: int) -> FittedMethod:
+    """Fit a feature method on rows (X may be None for ``mean``)."""
+    if name == "mean":
+        return FittedMethod(name, train_slides, {}, {"mean": Y.mean(axis=0).astype(np.float32)})
+    if name in ("colour-ridge", "effnet-ridge"):
+        head = LinearHead(alpha=cfg.models.ridge_alpha).fit(X, Y, seed)
+        return FittedMethod(name, train_slides, {"alpha": head.chosen_alpha_}, head.state())
+    if name == "effnet-mlp":
+        from hevisum.models.baselines import MLPHead
+
+        head = MLPHead(seed=seed).fit(X, Y)
+        return FittedMethod(name, train_slides, head.params(), head.state())
+    raise HevisumError(f"{name!r} is not a feature method; feature methods are {list(FEATURE_METHODS)}")
+
+
+def predict_feature_method(fm: FittedMethod, X: np.ndarray | None, n_rows: int) -> np.ndarray:
+    """Predictions (n_rows, T) of a fitted feature method."""
+    if fm.name == "mean":
+        return np.repeat(fm.tensors["mean"][None, :], n_rows, axis=0).astype(np.float32)
+    if fm.name in ("colour-ridge", "effnet-ridge"):
+        return LinearHead.from_state(fm.tensors).predict(X)
+    if fm.name == "effnet-mlp":
+        from hevisum.models.baselines import MLPHead
+
+        return MLPHead.from_state(fm.params, fm.tensors).predict(X).astype(np.float32)
+    raise HevisumError(f"cannot predict with {fm.name!r}")
+
+
+def build_network(name: str, n_outputs: int, pretrained: bool = True):
+    """The torch network behind a tile method."""
+    from hevisum.models.factory import create_model
+
+    if name not in NETWORK_OF:
+        raise HevisumError(f"{name!r} is not a tile method; tile methods are {list(TILE_METHODS)}")
+    if name == "effnet-finetune":
+        return create_model(NETWORK_OF[name], n_outputs, pretrained=pretrained)
+    return create_model(NETWORK_OF[name], n_outputs)
+
+
+def network_from_fitted(fm: FittedMethod, n_outputs: int):
+    """Rebuild a tile method's network from saved tensors (no pickle anywhere)."""
+    import torch
+
+    net = build_network(fm.name, n_outputs, pretrained=False)
+    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in fm.tensors.items()}, strict=True)
+    return net.eval()

@@ -1,0 +1,238 @@
+"""Training one fold of a tile model: a loop you can read top to bottom.
+
+AdamW with cosine decay, the configured loss, early stopping on validation per-spot Spearman,
+the best weights kept, a per-epoch log. Deterministic for a seed on CPU: shuffling and augmentation
+draw from explicit generators, in the main process, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from hevisum.config import TrainConfig
+from hevisum.metrics import mean_spot_spearman
+
+
+def lr_at(step: int, total_steps: int, lr: float, min_lr: float) -> float:
+    """Cosine decay from ``lr`` at step 0 to ``min_lr`` at ``total_steps``."""
+    if total_steps <= 1:
+        return lr
+    t = min(max(step / (total_steps - 1), 0.0), 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from hevisum.errors import HevisumError
+
+        raise HevisumError(f"device {device!r} asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    return device
+
+
+def autocast_dtype(precision: str, device: str):
+    """The autocast dtype for a precision setting, or None for float32.
+
+    auto: bfloat16 on CPU (about 1.9x faster for the reference CNN on a 2-core CPU), bfloat16 on GPUs
+    that support it, else float16.
+    """
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def scale_rank_targets(ranks: np.ndarray) -> np.ndarray:
+    """Per-spot ranks 1..T -> 0..1, so losses are comparable whatever the number of targets."""
+    t = ranks.shape[1]
+    return ((ranks - 1.0) / max(t - 1, 1)).astype(np.float32)
+
+
+class TileDataset:
+    """Tiles (a memory-mapped uint8 array) and training targets, indexed by row of the tile cache."""
+
+    def __init__(self, tiles: np.ndarray, rows: np.ndarray, targets: np.ndarray | None = None,
+                 extra: np.ndarray | None = None):
+        self.tiles, self.rows, self.targets, self.extra = tiles, np.asarray(rows), targets, extra
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        r = int(self.rows[i])
+        item = [torch.from_numpy(np.ascontiguousarray(self.tiles[r]))]
+        item.append(torch.from_numpy(self.targets[r]) if self.targets is not None else torch.zeros(0))
+        item.append(torch.from_numpy(self.extra[r]) if self.extra is not None else torch.zeros(0))
+        return tuple(item)
+
+
+def augment_batch(x, gen):
+    """Random flips and 90-degree rotations of an NHWC uint8 batch (the dihedral group of the square)."""
+    import torch
+
+    k = int(torch.randint(0, 4, (1,), generator=gen))
+    flip = bool(torch.randint(0, 2, (1,), generator=gen))
+    if flip:
+        x = torch.flip(x, dims=[2])
+    return torch.rot90(x, k, dims=[1, 2])
+
+
+def dihedral_views(x):
+    """The 8 flips/rotations of an NHWC batch, for test-time augmentation."""
+    import torch
+
+    views = []
+    for flip in (False, True):
+        y = torch.flip(x, dims=[2]) if flip else x
+        for k in range(4):
+            views.append(torch.rot90(y, k, dims=[1, 2]))
+    return views
+
+
+def _forward(model, xb, extra, normalise):
+    x = normalise(xb)
+    if extra is not None and extra.numel() and getattr(model, "accepts_extra", False):
+        return model(x, extra)
+    return model(x)
+
+
+def predict_tiles(model, tiles: np.ndarray, rows: np.ndarray, *, batch_size: int = 64, device: str = "cpu",
+                  precision: str = "auto", tta: bool = False, extra: np.ndarray | None = None,
+                  num_workers: int = 0, progress: bool = False, desc: str = "predict") -> np.ndarray:
+    """Predictions (n_rows, n_outputs) float32 of a tile model, in the order of ``rows``."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from hevisum.models import normalise_uint8
+
+    model = model.to(device).eval()
+    dtype = autocast_dtype(precision, device)
+    loader = DataLoader(TileDataset(tiles, rows, None, extra), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    out = []
+    with torch.inference_mode():
+        for xb, _, eb in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            xb, eb = xb.to(device), eb.to(device)
+            views = dihedral_views(xb) if tta else [xb]
+            acc = None
+            for v in views:
+                with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                    p = _forward(model, v, eb, normalise_uint8).float()
+                acc = p if acc is None else acc + p
+            out.append((acc / len(views)).cpu().numpy())
+    n_out = getattr(model, "n_outputs", None)
+    return np.concatenate(out, axis=0) if out else np.zeros((0, n_out or 0), np.float32)
+
+
+@dataclass
+class FoldResult:
+    """What training one fold produced: the best weights, when, and the per-epoch log."""
+
+    state_dict: dict
+    best_epoch: int
+    best_score: float
+    log: pd.DataFrame
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
+                     fit_targets: np.ndarray, val_truth: np.ndarray, cfg: TrainConfig, *, seed: int = 0,
+                     device: str = "cpu", extra: np.ndarray | None = None, progress: bool = False,
+                     desc: str = "train") -> FoldResult:
+    """Train ``model`` on ``tiles[train_rows]`` against ``fit_targets[train_rows]``.
+
+    ``val_truth`` (n_val, T) are the raw validation targets: early stopping watches the competition
+    metric (mean per-spot Spearman) on them, and the weights of the best epoch are returned.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from hevisum.losses import make_loss
+    from hevisum.models import normalise_uint8
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = model.to(device)
+    loss_fn = make_loss(cfg.loss)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dtype = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if (dtype == torch.float16 and device.startswith("cuda")) else None
+    n_per_epoch = len(train_rows) if cfg.max_spots_per_epoch <= 0 else min(cfg.max_spots_per_epoch, len(train_rows))
+    steps_per_epoch = max(1, math.ceil(n_per_epoch / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    best = (-np.inf, -1, None)
+    log_rows = []
+    t0 = time.perf_counter()
+    step = 0
+    bad_epochs = 0
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        # Shuffle (and subsample) in the main process with our own generator: order is independent of workers.
+        rows = rng.permutation(train_rows)[:n_per_epoch]
+        loader = DataLoader(TileDataset(tiles, rows, fit_targets, extra), batch_size=cfg.batch_size,
+                            shuffle=False, num_workers=cfg.num_workers, drop_last=len(rows) > cfg.batch_size,
+                            persistent_workers=False)
+        losses = []
+        for xb, yb, eb in loader:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg.lr, cfg.min_lr)
+            xb, yb, eb = xb.to(device), yb.to(device), eb.to(device)
+            if cfg.augment:
+                xb = augment_batch(xb, gen)
+            with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                pred = _forward(model, xb, eb, normalise_uint8)
+            loss = loss_fn(pred.float(), yb.float(), epoch)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+        val_pred = predict_tiles(model, tiles, val_rows, batch_size=max(64, cfg.batch_size), device=device,
+                                 precision=cfg.precision, extra=extra, num_workers=0)
+        with torch.no_grad():
+            val_loss = float(loss_fn(torch.from_numpy(val_pred), torch.from_numpy(fit_targets[val_rows]), epoch))
+        score = mean_spot_spearman(val_pred, val_truth)
+        log_rows.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                         "val_loss": val_loss, "val_spearman": score, "lr": opt.param_groups[0]["lr"],
+                         "seconds": time.perf_counter() - t0})
+        bar.set_postfix(loss=f"{log_rows[-1]['train_loss']:.4f}", val_spearman=f"{score:.4f}")
+        if np.isfinite(score) and score > best[0]:
+            best = (score, epoch + 1, copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}))
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                break
+    state = best[2] if best[2] is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    return FoldResult(state_dict=state, best_epoch=best[1], best_score=float(best[0]), log=pd.DataFrame(log_rows),
+                      seconds=time.perf_counter() - t0)
