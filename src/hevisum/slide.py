@@ -123,7 +123,7 @@ def check_unique_ids(slides: Sequence[Slide]) -> None:
         if s.slide_id in seen:
             raise HevisumError(
                 f"duplicate slide id {s.slide_id!r} (in {seen[s.slide_id] or '?'} and {s.source or '?'}); "
-                "slide ids must be unique: rename one with --slide-id or convert the inputs separately"
+                "slide ids must be unique: rename the folder or file of one of them"
             )
         seen[s.slide_id] = s.source
 

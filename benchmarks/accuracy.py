@@ -1,0 +1,84 @@
+"""Accuracy on the real data: every method beside the `mean` and `colour-ridge` baselines, in one run.
+
+    python benchmarks/accuracy.py [--methods effnet-ridge effnet-mlp ...] [--epochs N] [--datasets her2st mob]
+
+her2st.h5: leave-one-slide-out over C2-C5, predict C6, scored with her2st_test_truth.csv.
+mob.h5:    leave-one-slide-out over MOB1-MOB2, predict MOB3, scored with mob_test_truth.csv.
+Prints a table per dataset and, as the last line, one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = (REPO / ".." / "shared" / "data" / "challenge").resolve()
+DATASETS = {"her2st": ("her2st.h5", "her2st_test_truth.csv"), "mob": ("mob.h5", "mob_test_truth.csv")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    ap.add_argument("--methods", nargs="+", default=["effnet-ridge", "effnet-mlp"],
+                    help="methods besides the baselines (add hevisum-cnn for the reference CNN; slow on a CPU)")
+    ap.add_argument("--epochs", type=int, default=30, help="epochs for tile models")
+    ap.add_argument("--stacking", default="ridge", choices=["ridge", "mlp", "off"])
+    ap.add_argument("--smoothing", action="store_true", help="spatial smoothing of predictions")
+    ap.add_argument("--tta", action="store_true", help="test-time augmentation (8 flips/rotations)")
+    ap.add_argument("--target", default="rank", choices=["rank", "raw"])
+    ap.add_argument("--tile-size", type=int, default=78)
+    ap.add_argument("--encoder-input", type=int, default=112)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        print(f"real data not found at {DATA}: place the shared/ folder beside the repository", file=sys.stderr)
+        return 2
+    from hevisum.pipeline import run_pipeline
+
+    methods_toml = ", ".join(f'"{m}"' for m in args.methods)
+    config = (f'[models]\nmethods = [{methods_toml}]\nencoder_input = {args.encoder_input}\n'
+              f'[train]\nepochs = {args.epochs}\ntta = {str(args.tta).lower()}\ntarget = "{args.target}"\n'
+              f'[tiles]\nsize = {args.tile_size}\n'
+              f'[stacking]\nenabled = {str(args.stacking != "off").lower()}\n'
+              f'model = "{args.stacking if args.stacking != "off" else "ridge"}"\n'
+              f'[smoothing]\nenabled = {str(args.smoothing).lower()}\n')
+    result: dict = {"config": vars(args), "datasets": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = Path(tmp) / "bench.toml"
+        cfg_path.write_text(config)
+        for ds in args.datasets:
+            h5, truth = DATASETS[ds]
+            t0 = time.perf_counter()
+            m = run_pipeline([str(DATA / h5)], Path(tmp) / ds, config_path=str(cfg_path), truth=str(DATA / truth),
+                             seed=args.seed, progress=False)
+            rows = {}
+            for name, s in m["methods"].items():
+                t = m["test"][name]["overall"]
+                rows[name] = {"cv_spot_spearman": s["cv_spot_spearman"], "cv_target_pearson": s["cv_target_pearson_mean"],
+                              "test_spot_spearman": t["spot_spearman"], "test_target_pearson": t["target_pearson_mean"]}
+            base = max(rows["mean"]["test_spot_spearman"], rows["colour-ridge"]["test_spot_spearman"])
+            best = m["selected"]
+            result["datasets"][ds] = {"methods": rows, "selected_by_cv": best, "seconds": time.perf_counter() - t0,
+                                      "selected_minus_best_baseline_test": rows[best]["test_spot_spearman"] - base}
+            print(f"\n{ds}: folds {m['folds']}, test slide(s) scored with {truth}; selected by CV: {best}")
+            print(f"{'method':<16}{'CV spot-Spearman':>18}{'CV target-Pearson':>19}{'test spot-Spearman':>20}"
+                  f"{'test target-Pearson':>21}")
+            for name, r in rows.items():
+                mark = " (baseline)" if name in ("mean", "colour-ridge") else (" <- selected" if name == best else "")
+                print(f"{name:<16}{_f(r['cv_spot_spearman']):>18}{_f(r['cv_target_pearson']):>19}"
+                      f"{_f(r['test_spot_spearman']):>20}{_f(r['test_target_pearson']):>21}{mark}")
+    print(json.dumps(result))
+    return 0
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

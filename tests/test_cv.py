@@ -1,0 +1,128 @@
+"""Leave-one-slide-out folds, out-of-fold predictions, rank averaging and leak-free stacking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import rankdata
+
+from hevisum.config import RunConfig, from_dict
+from hevisum.cv import (
+    cross_validate_method,
+    cross_validate_stacking,
+    fit_targets,
+    make_folds,
+    rank_average,
+    spot_ranks,
+    stack_inputs,
+)
+from hevisum.errors import HevisumError
+from hevisum.methods import LinearHead
+from hevisum.metrics import mean_spot_spearman
+
+
+def _spots(n_per_slide: int, slides: list[str], test: list[str] = ()) -> pd.DataFrame:
+    rows = []
+    for s in [*slides, *test]:
+        for i in range(n_per_slide):
+            rows.append({"slide": s, "spot_id": str(i), "split": "test" if s in test else "train", "x": 10.0 * i,
+                         "y": 5.0, "pitch_px": 10.0})
+    return pd.DataFrame(rows)
+
+
+def _noise_problem(seed: int = 0, n: int = 60, n_feat: int = 400, T: int = 12):
+    """Targets that are pure noise and features that let a weak ridge memorise training spots."""
+    rng = np.random.default_rng(seed)
+    spots = _spots(n, ["A", "B", "C", "D"])
+    Y = rng.random((len(spots), T)).astype(np.float32)
+    X = rng.normal(size=(len(spots), n_feat)).astype(np.float32)
+    return spots, X, Y
+
+
+def test_folds_hold_out_each_slide_once():
+    folds = make_folds(_spots(5, ["A", "B", "C"], test=["T"]))
+    assert folds.slide_ids == ["A", "B", "C"]
+    assert len(folds.test_rows) == 5
+    for s in folds.slide_ids:
+        fit, held = folds.split(s)
+        assert set(folds.slides[held]) == {s}
+        assert s not in set(folds.slides[fit])
+        assert not (fit & held).any()
+
+
+def test_one_training_slide_is_an_error():
+    with pytest.raises(HevisumError, match="at least 2 training slides"):
+        make_folds(_spots(5, ["A"], test=["T"]))
+
+
+def test_rank_average_equals_mean_of_per_spot_ranks():
+    rng = np.random.default_rng(1)
+    a, b = rng.random((4, 6)), rng.random((4, 6))
+    expected = ((rankdata(a, axis=1) - 1) / 5 + (rankdata(b, axis=1) - 1) / 5) / 2
+    np.testing.assert_allclose(rank_average([a, b]), expected, rtol=1e-6)
+    # Rank averaging never changes a single model's per-spot Spearman.
+    assert mean_spot_spearman(spot_ranks(a), b) == pytest.approx(mean_spot_spearman(a, b))
+
+
+def test_every_training_spot_gets_a_prediction_from_the_model_that_never_saw_its_slide():
+    spots, X, Y = _noise_problem()
+    cfg = from_dict(RunConfig, {"models": {"ridge_alpha": 1e-3}})
+    folds = make_folds(spots)
+    res = cross_validate_method("effnet-ridge", folds, Y, Y, cfg, features=X)
+    assert np.isfinite(res.oof).all()
+    for fm, held in zip(res.models, folds.slide_ids):
+        assert held not in fm.train_slides
+        # Re-predicting the held-out rows with that fold's model gives exactly the OOF rows.
+        m = folds.slides == held
+        head = LinearHead.from_state(fm.tensors)
+        np.testing.assert_allclose(head.predict(X[folds.train_rows[m]]), res.oof[m], rtol=1e-5, atol=1e-6)
+
+
+def test_stacking_sees_only_out_of_fold_predictions_and_the_test_catches_a_leak():
+    """On pure-noise targets no honest score can exceed chance.
+
+    A ridge with a tiny penalty and more features than spots memorises its training spots. If the
+    stacker were fed in-sample predictions (the reference pipeline's leak), its validation would look
+    excellent; fed out-of-fold predictions, it must score about zero.
+    """
+    spots, X, Y = _noise_problem()
+    cfg = from_dict(RunConfig, {"models": {"ridge_alpha": 1e-3}})
+    folds = make_folds(spots)
+    results = [cross_validate_method(m, folds, Y, Y, cfg, features=X) for m in ("mean", "effnet-ridge")]
+    Ytr = Y[folds.train_rows]
+    honest = cross_validate_stacking(stack_inputs(results), Ytr, Ytr, folds.slides, np.zeros((0, 0)))
+    honest_score = mean_spot_spearman(honest.oof, Ytr)
+    assert abs(honest_score) < 0.15, honest_score
+
+    # The leak, built by hand: predictions of a model fitted on all training spots, for those same spots.
+    in_sample = LinearHead(alpha=1e-3).fit(X[folds.train_rows], Ytr).predict(X[folds.train_rows])
+    leaky_inputs = np.concatenate([spot_ranks(results[0].oof), spot_ranks(in_sample)], axis=1)
+    leaky = cross_validate_stacking(leaky_inputs, Ytr, Ytr, folds.slides, np.zeros((0, 0)))
+    leaky_score = mean_spot_spearman(leaky.oof, Ytr)
+    assert leaky_score > 0.6, leaky_score  # the check above would have caught this
+    assert leaky_score - honest_score > 0.5
+
+
+def test_stacking_learns_to_combine_methods_when_there_is_signal():
+    rng = np.random.default_rng(3)
+    spots = _spots(80, ["A", "B", "C"])
+    T = 10
+    latent = rng.normal(size=(len(spots), 5))
+    Y = (latent @ rng.normal(size=(5, T)) + 0.3 * rng.normal(size=(len(spots), T))).astype(np.float32)
+    X = np.concatenate([latent, rng.normal(size=(len(spots), 20))], axis=1).astype(np.float32)
+    cfg = RunConfig()
+    folds = make_folds(spots)
+    results = [cross_validate_method(m, folds, Y, Y, cfg, features=X) for m in ("mean", "effnet-ridge")]
+    Ytr = Y[folds.train_rows]
+    st = cross_validate_stacking(stack_inputs(results), Ytr, Ytr, folds.slides, np.zeros((0, 0)))
+    assert mean_spot_spearman(st.oof, Ytr) > mean_spot_spearman(results[0].oof, Ytr) + 0.2
+
+
+def test_fit_targets_rank_space_is_scaled_ranks():
+    raw = np.array([[0.1, 0.5, 0.2], [3.0, 1.0, 2.0]], dtype=np.float32)
+    ranks = rankdata(raw, axis=1).astype(np.float32)
+    cfg = RunConfig()
+    np.testing.assert_allclose(fit_targets(raw, ranks, cfg), [[0, 1, 0.5], [1, 0, 0.5]])
+    cfg_raw = from_dict(RunConfig, {"train": {"target": "raw"}})
+    np.testing.assert_allclose(fit_targets(raw, ranks, cfg_raw), raw)
