@@ -18,7 +18,7 @@ from hevisum.cv import (
     stack_inputs,
 )
 from hevisum.errors import HevisumError
-from hevisum.methods import LinearHead
+from hevisum.models.baselines import RidgeHead
 from hevisum.metrics import mean_spot_spearman
 
 
@@ -75,7 +75,7 @@ def test_every_training_spot_gets_a_prediction_from_the_model_that_never_saw_its
         assert held not in fm.train_slides
         # Re-predicting the held-out rows with that fold's model gives exactly the OOF rows.
         m = folds.slides == held
-        head = LinearHead.from_state(fm.tensors)
+        head = RidgeHead.from_state(fm.tensors)
         np.testing.assert_allclose(head.predict(X[folds.train_rows[m]]), res.oof[m], rtol=1e-5, atol=1e-6)
 
 
@@ -96,7 +96,7 @@ def test_stacking_sees_only_out_of_fold_predictions_and_the_test_catches_a_leak(
     assert abs(honest_score) < 0.15, honest_score
 
     # The leak, built by hand: predictions of a model fitted on all training spots, for those same spots.
-    in_sample = LinearHead(alpha=1e-3).fit(X[folds.train_rows], Ytr).predict(X[folds.train_rows])
+    in_sample = RidgeHead(alpha=1e-3).fit(X[folds.train_rows], Ytr).predict(X[folds.train_rows])
     leaky_inputs = np.concatenate([spot_ranks(results[0].oof), spot_ranks(in_sample)], axis=1)
     leaky = cross_validate_stacking(leaky_inputs, Ytr, Ytr, folds.slides, np.zeros((0, 0)))
     leaky_score = mean_spot_spearman(leaky.oof, Ytr)

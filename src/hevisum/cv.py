@@ -156,13 +156,9 @@ def stack_test_inputs(results: list[MethodCV]) -> np.ndarray:
 
 
 def _fit_stacker(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, kind: str, seed: int):
-    if kind == "mlp":
-        from hevisum.models.stacking import fit_stacker
+    from hevisum.models.stacking import fit_stacker
 
-        return fit_stacker(X, Y, groups=groups, seed=seed)
-    from hevisum.methods import LinearHead
-
-    return LinearHead().fit(X, Y, seed)
+    return fit_stacker(X, Y, groups=groups, seed=seed, kind=kind)
 
 
 @dataclass

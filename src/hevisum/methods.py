@@ -36,46 +36,6 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
 
 
 @dataclass
-class LinearHead:
-    """Standardise features, then a ridge regression (alpha chosen by internal CV when not given)."""
-
-    alpha: float = 0.0
-    mean_: np.ndarray | None = None
-    scale_: np.ndarray | None = None
-    coef_: np.ndarray | None = None  # (F, T)
-    intercept_: np.ndarray | None = None  # (T,)
-    chosen_alpha_: float = 0.0
-
-    def fit(self, X: np.ndarray, Y: np.ndarray, seed: int = 0) -> "LinearHead":
-        from sklearn.linear_model import Ridge, RidgeCV
-
-        self.mean_ = X.mean(axis=0)
-        self.scale_ = X.std(axis=0) + 1e-6
-        Z = (X - self.mean_) / self.scale_
-        if self.alpha > 0:
-            model = Ridge(alpha=self.alpha).fit(Z, Y)
-            self.chosen_alpha_ = self.alpha
-        else:
-            model = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(Z, Y)
-            self.chosen_alpha_ = float(model.alpha_)
-        self.coef_ = np.asarray(model.coef_, dtype=np.float64).T
-        self.intercept_ = np.asarray(model.intercept_, dtype=np.float64)
-        return self
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return (((X - self.mean_) / self.scale_) @ self.coef_ + self.intercept_).astype(np.float32)
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_, "intercept": self.intercept_,
-                "alpha": np.array([self.chosen_alpha_])}
-
-    @classmethod
-    def from_state(cls, st: dict[str, np.ndarray]) -> "LinearHead":
-        return cls(alpha=float(st["alpha"][0]), mean_=st["mean"], scale_=st["scale"], coef_=st["coef"],
-                   intercept_=st["intercept"], chosen_alpha_=float(st["alpha"][0]))
-
-
-@dataclass
 class FittedMethod:
     """One fitted method of one fold: its name, what it was trained on, and its parameters."""
 
@@ -111,8 +71,10 @@ def fit_feature_method(name: str, X: np.ndarray | None, Y: np.ndarray, train_sli
     if name == "mean":
         return FittedMethod(name, train_slides, {}, {"mean": Y.mean(axis=0).astype(np.float32)})
     if name in ("colour-ridge", "effnet-ridge"):
-        head = LinearHead(alpha=cfg.models.ridge_alpha).fit(X, Y, seed)
-        return FittedMethod(name, train_slides, {"alpha": head.chosen_alpha_}, head.state())
+        from hevisum.models.baselines import RidgeHead
+
+        head = RidgeHead(alpha=cfg.models.ridge_alpha or None).fit(X, Y)
+        return FittedMethod(name, train_slides, {"alpha": head.alpha_}, head.state())
     if name == "effnet-mlp":
         from hevisum.models.baselines import MLPHead
 
@@ -126,7 +88,9 @@ def predict_feature_method(fm: FittedMethod, X: np.ndarray | None, n_rows: int) 
     if fm.name == "mean":
         return np.repeat(fm.tensors["mean"][None, :], n_rows, axis=0).astype(np.float32)
     if fm.name in ("colour-ridge", "effnet-ridge"):
-        return LinearHead.from_state(fm.tensors).predict(X)
+        from hevisum.models.baselines import RidgeHead
+
+        return RidgeHead.from_state(fm.tensors).predict(X).astype(np.float32)
     if fm.name == "effnet-mlp":
         from hevisum.models.baselines import MLPHead
 

@@ -216,12 +216,8 @@ def _nan_low(v) -> float:
 def _save_stacker(stacker, kind: str, methods: list[str], folder: Path) -> None:
     from hevisum.methods import FittedMethod
 
-    if kind == "ridge":
-        tensors, params = stacker.state(), {}
-    else:
-        tensors = {k: v.detach().cpu().numpy() for k, v in stacker.model.state_dict().items()}
-        params = stacker.params() if hasattr(stacker, "params") else {}
-    FittedMethod(f"stacking-{kind}", [], {"methods": methods, **params}, tensors).save(folder)
+    params = stacker.params() if kind == "mlp" else {}
+    FittedMethod(f"stacking-{kind}", [], {"methods": methods, **params}, stacker.state()).save(folder)
 
 
 def _json_safe(obj):

@@ -160,11 +160,12 @@ def predict_from_run(run_dir: Path, input_path: str, out: Path, reader_kwargs: d
 
 def load_stacker(folder: Path, cfg):
     """The saved stacker, ready to predict."""
-    from hevisum.methods import FittedMethod, LinearHead
+    from hevisum.methods import FittedMethod
+    from hevisum.models.baselines import RidgeHead
 
     fm = FittedMethod.load(folder)
     if fm.name == "stacking-ridge":
-        return LinearHead.from_state(fm.tensors)
+        return RidgeHead.from_state(fm.tensors)
     from hevisum.models.stacking import load_stacker_state
 
     return load_stacker_state(fm.params, fm.tensors)
