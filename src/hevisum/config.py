@@ -33,34 +33,46 @@ class StainConfig:
 
 @dataclass(frozen=True)
 class TissueConfig:
-    background: str = "auto"  # auto | white | black: the colour of what is not tissue
+    background: str = "auto"  # auto | white | black: the colour of what is not tissue (auto: from the border)
     blur_sigma: float = 7.0  # Gaussian blur (px at the working scale) before thresholding
-    mask_background: bool = True  # set pixels outside the tissue mask to the background colour
+    max_side: int = 2048  # the mask is computed on the image shrunk to at most this side, then upsampled
+    mask_background: bool = True  # set pixels outside the tissue mask to the fill colour
+    fill: str = "white"  # white | black: one colour for every slide's background, so tiles look alike
 
     def check(self) -> None:
         _choice("tissue.background", self.background, ("auto", "white", "black"))
+        _choice("tissue.fill", self.fill, ("white", "black"))
         if self.blur_sigma < 0:
             raise HevisumError(f"tissue.blur_sigma must be >= 0, got {self.blur_sigma}")
+        if self.max_side < 64:
+            raise HevisumError(f"tissue.max_side must be >= 64 px, got {self.max_side}")
 
 
 @dataclass(frozen=True)
 class RealignConfig:
     enabled: bool = True
     max_shift_pitches: float = 1.5  # search window, in spot pitches
+    min_gain: float = 0.01  # keep (0, 0) unless the best shift satisfies this fraction more of the constraints
+    blur_pitches: float = 0.05  # blur of the tissue mask used for realignment, in pitches (sharp edges)
     manual: dict = field(default_factory=dict)  # {slide_id: [dx, dy]} overrides the estimate
 
     def check(self) -> None:
         if self.max_shift_pitches < 0:
             raise HevisumError(f"realign.max_shift_pitches must be >= 0, got {self.max_shift_pitches}")
+        _fraction("realign.min_gain", self.min_gain)
+        if self.blur_pitches < 0:
+            raise HevisumError(f"realign.blur_pitches must be >= 0, got {self.blur_pitches}")
         for k, v in self.manual.items():
-            if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(a, (int, float)) for a in v)):
+            ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) for a in v)
+            if not ok:
                 raise HevisumError(f"realign.manual.{k} must be [dx, dy] in pixels, got {v!r}")
 
 
 @dataclass(frozen=True)
 class SpotsConfig:
     drop_invalid: bool = True  # drop training spots with no tissue under them (test spots are always kept)
-    window_pitches: float = 0.42  # side of the tissue window around a spot, in pitches (reference: 26 px at pitch 62)
+    window_pitches: float = 1.04  # side of the tissue window around a spot, in pitches (reference: 26 px at pitch 25)
     min_tissue: float = 0.0  # a spot is invalid when its window's tissue fraction is <= this
 
     def check(self) -> None:
@@ -70,8 +82,8 @@ class SpotsConfig:
 
 @dataclass(frozen=True)
 class TargetsConfig:
-    rank: bool = True  # keep a per-spot ordinal rank transform beside the raw targets
-    tie_tol: float = 1e-6  # values within this of each other (relative to the spot's max) count as tied
+    # ranks.npy (per-spot ranks 1..T) is always written beside the raw targets
+    tie_tol: float = 1e-6  # values within this of each other (relative to the spot's max |value|) count as tied
 
     def check(self) -> None:
         if self.tie_tol < 0:
@@ -250,3 +262,119 @@ def dump_config(obj: Any, path: str | Path) -> None:
     from hevisum.io.atomic import atomic_write_text
 
     atomic_write_text(Path(path), dumps_toml(obj))
+
+
+# ---------------------------------------------------------------- training and the main job
+
+FEATURE_METHODS = ("mean", "colour-ridge", "effnet-ridge", "effnet-mlp")
+TILE_METHODS = ("hevisum-cnn", "effnet-finetune")
+METHODS = FEATURE_METHODS + TILE_METHODS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training of the tile models (hevisum-cnn, effnet-finetune) and of the feature heads."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    min_lr: float = 1e-6  # cosine decay ends here
+    patience: int = 10  # early stopping on validation per-spot Spearman
+    loss: str = "hybrid"  # hybrid | mse | spearman | mse+spearman
+    target: str = "rank"  # rank (per-spot ranks scaled to 0..1) | raw
+    augment: bool = False  # random flips and 90-degree rotations of training tiles
+    tta: bool = False  # average predictions over the 8 flips/rotations
+    coords: bool = False  # spot (x, y), scaled per slide, as an extra input to the heads
+    precision: str = "auto"  # auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32
+    num_workers: int = 2
+    max_spots_per_epoch: int = 0  # 0 = all; else a random subset per epoch (quick runs)
+
+    def check(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.lr", self.lr)
+        _choice("train.loss", self.loss, ("hybrid", "mse", "spearman", "mse+spearman"))
+        _choice("train.target", self.target, ("rank", "raw"))
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        if self.num_workers < 0:
+            raise HevisumError(f"train.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Which methods run in cross-validation; baselines are always added."""
+
+    methods: list = field(default_factory=lambda: ["effnet-ridge", "effnet-mlp"])
+    encoder_input: int = 112  # side (px) the frozen encoder sees; tiles are resized to it
+    ridge_alpha: float = 0.0  # 0 = choose by internal cross-validation
+
+    def check(self) -> None:
+        for m in self.methods:
+            _choice("models.methods[]", m, METHODS)
+        if self.encoder_input < 32:
+            raise HevisumError(f"models.encoder_input must be >= 32 px, got {self.encoder_input}")
+
+
+@dataclass(frozen=True)
+class StackingConfig:
+    enabled: bool = True
+    model: str = "ridge"  # ridge | mlp (the reference StackingMLP)
+
+    def check(self) -> None:
+        _choice("stacking.model", self.model, ("ridge", "mlp"))
+
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    enabled: bool = False  # Gaussian smoothing of predictions over neighbouring spots of a slide
+    sigma_pitches: float = 1.0
+
+    def check(self) -> None:
+        _positive("smoothing.sigma_pitches", self.sigma_pitches)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `hevisum run` needs; the same file also configures `hevisum preprocess`."""
+
+    seed: int = 0
+    profile: str = "fast"  # fast | reference
+    stain: StainConfig = field(default_factory=StainConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    realign: RealignConfig = field(default_factory=RealignConfig)
+    spots: SpotsConfig = field(default_factory=SpotsConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    tiles: TilesConfig = field(default_factory=TilesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    stacking: StackingConfig = field(default_factory=StackingConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+
+    def check(self) -> None:
+        _choice("profile", self.profile, ("fast", "reference"))
+
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig(stain=self.stain, tissue=self.tissue, realign=self.realign, spots=self.spots,
+                                targets=self.targets, tiles=self.tiles)
+
+
+# What each profile changes from the defaults (a config file and flags still override these).
+PROFILES: dict[str, dict] = {
+    "fast": {"models": {"methods": ["effnet-ridge", "effnet-mlp"]}, "tiles": {"size": 78}},
+    "reference": {"models": {"methods": ["hevisum-cnn"]}, "tiles": {"size": 78},
+                  "train": {"loss": "hybrid", "target": "rank", "epochs": 30}},
+}
+
+
+def load_run_config(path: str | Path | None = None, profile: str | None = None, seed: int | None = None) -> RunConfig:
+    """defaults < profile < config file < flags."""
+    file_data = load_toml(path) if path else {}
+    prof = profile or file_data.get("profile") or "fast"
+    if prof not in PROFILES:
+        raise HevisumError(f"profile {prof!r} is not valid; choose one of {sorted(PROFILES)}")
+    data = merge(PROFILES[prof], file_data)
+    data["profile"] = prof
+    if seed is not None:
+        data["seed"] = seed
+    return from_dict(RunConfig, data)
