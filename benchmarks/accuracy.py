@@ -24,12 +24,15 @@ DATASETS = {"her2st": ("her2st.h5", "her2st_test_truth.csv"), "mob": ("mob.h5", 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    ap.add_argument("--methods", nargs="+", default=["effnet-ridge", "effnet-mlp"],
+    ap.add_argument("--methods", nargs="+", default=["effnet-ridge", "effnet-colour-ridge", "effnet-mlp"],
                     help="methods besides the baselines (add hevisum-cnn for the reference CNN; slow on a CPU)")
     ap.add_argument("--epochs", type=int, default=30, help="epochs for tile models")
     ap.add_argument("--stacking", default="ridge", choices=["ridge", "mlp", "off"])
-    ap.add_argument("--smoothing", action="store_true", help="spatial smoothing of predictions")
+    ap.add_argument("--smoothing", default="on", choices=["on", "off"], help="spatial smoothing of predictions")
     ap.add_argument("--tta", action="store_true", help="test-time augmentation (8 flips/rotations)")
+    ap.add_argument("--augment", action="store_true", help="flip/rotation augmentation when training tile models")
+    ap.add_argument("--coords", action="store_true", help="spot coordinates as an extra input of the heads")
+    ap.add_argument("--feature-norm", default="slide", choices=["slide", "global"])
     ap.add_argument("--target", default="rank", choices=["rank", "raw"])
     ap.add_argument("--tile-size", type=int, default=78)
     ap.add_argument("--encoder-input", type=int, default=112)
@@ -42,11 +45,13 @@ def main() -> int:
 
     methods_toml = ", ".join(f'"{m}"' for m in args.methods)
     config = (f'[models]\nmethods = [{methods_toml}]\nencoder_input = {args.encoder_input}\n'
+              f'feature_norm = "{args.feature_norm}"\n'
               f'[train]\nepochs = {args.epochs}\ntta = {str(args.tta).lower()}\ntarget = "{args.target}"\n'
+              f'augment = {str(args.augment).lower()}\ncoords = {str(args.coords).lower()}\n'
               f'[tiles]\nsize = {args.tile_size}\n'
               f'[stacking]\nenabled = {str(args.stacking != "off").lower()}\n'
               f'model = "{args.stacking if args.stacking != "off" else "ridge"}"\n'
-              f'[smoothing]\nenabled = {str(args.smoothing).lower()}\n')
+              f'[smoothing]\nenabled = {str(args.smoothing == "on").lower()}\n')
     result: dict = {"config": vars(args), "datasets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "bench.toml"
@@ -66,11 +71,11 @@ def main() -> int:
             result["datasets"][ds] = {"methods": rows, "selected_by_cv": best, "seconds": time.perf_counter() - t0,
                                       "selected_minus_best_baseline_test": rows[best]["test_spot_spearman"] - base}
             print(f"\n{ds}: folds {m['folds']}, test slide(s) scored with {truth}; selected by CV: {best}")
-            print(f"{'method':<16}{'CV spot-Spearman':>18}{'CV target-Pearson':>19}{'test spot-Spearman':>20}"
+            print(f"{'method':<20}{'CV spot-Spearman':>18}{'CV target-Pearson':>19}{'test spot-Spearman':>20}"
                   f"{'test target-Pearson':>21}")
             for name, r in rows.items():
                 mark = " (baseline)" if name in ("mean", "colour-ridge") else (" <- selected" if name == best else "")
-                print(f"{name:<16}{_f(r['cv_spot_spearman']):>18}{_f(r['cv_target_pearson']):>19}"
+                print(f"{name:<20}{_f(r['cv_spot_spearman']):>18}{_f(r['cv_target_pearson']):>19}"
                       f"{_f(r['test_spot_spearman']):>20}{_f(r['test_target_pearson']):>21}{mark}")
     print(json.dumps(result))
     return 0

@@ -85,22 +85,21 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from hevisum.config import PreprocessConfig, load_config
+    import dataclasses
+
+    from hevisum.config import load_run_config
     from hevisum.io import read_inputs
     from hevisum.preprocess.pipeline import preprocess
 
-    cfg = load_config(PreprocessConfig, args.config, overrides=_tiles_overrides(args))
+    # The same config file serves `hevisum run` and `hevisum preprocess`; only its preprocessing sections apply.
+    cfg = load_run_config(args.config).preprocess_config()
+    if args.tile_size:
+        cfg = dataclasses.replace(cfg, tiles=dataclasses.replace(cfg.tiles, size=args.tile_size))
+        cfg.tiles.check()
     slides = read_inputs([args.input], **_reader_kwargs(args))
     prepared = preprocess(slides, cfg, Path(args.out), progress=not args.quiet)
     print(f"wrote {args.out}: {prepared.summary()}")
     return 0
-
-
-def _tiles_overrides(args: argparse.Namespace) -> dict:
-    over: dict = {}
-    if getattr(args, "tile_size", None):
-        over.setdefault("tiles", {})["size"] = args.tile_size
-    return over
 
 
 def cmd_run(args: argparse.Namespace) -> int:

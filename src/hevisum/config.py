@@ -266,7 +266,7 @@ def dump_config(obj: Any, path: str | Path) -> None:
 
 # ---------------------------------------------------------------- training and the main job
 
-FEATURE_METHODS = ("mean", "colour-ridge", "effnet-ridge", "effnet-mlp")
+FEATURE_METHODS = ("mean", "colour-ridge", "effnet-ridge", "effnet-colour-ridge", "effnet-mlp")
 TILE_METHODS = ("hevisum-cnn", "effnet-finetune")
 METHODS = FEATURE_METHODS + TILE_METHODS
 
@@ -305,13 +305,17 @@ class TrainConfig:
 class ModelsConfig:
     """Which methods run in cross-validation; baselines are always added."""
 
-    methods: list = field(default_factory=lambda: ["effnet-ridge", "effnet-mlp"])
+    methods: list = field(default_factory=lambda: ["effnet-ridge", "effnet-colour-ridge", "effnet-mlp"])
     encoder_input: int = 112  # side (px) the frozen encoder sees; tiles are resized to it
     ridge_alpha: float = 0.0  # 0 = choose by internal cross-validation
+    # slide: standardise features within each slide (label-free; removes slide-wide colour and stain offsets);
+    # global: standardise with the training rows' statistics only
+    feature_norm: str = "slide"
 
     def check(self) -> None:
         for m in self.methods:
             _choice("models.methods[]", m, METHODS)
+        _choice("models.feature_norm", self.feature_norm, ("slide", "global"))
         if self.encoder_input < 32:
             raise HevisumError(f"models.encoder_input must be >= 32 px, got {self.encoder_input}")
 
@@ -327,7 +331,7 @@ class StackingConfig:
 
 @dataclass(frozen=True)
 class SmoothingConfig:
-    enabled: bool = False  # Gaussian smoothing of predictions over neighbouring spots of a slide
+    enabled: bool = True  # Gaussian smoothing of predictions over neighbouring spots of a slide
     sigma_pitches: float = 1.0
 
     def check(self) -> None:
@@ -361,7 +365,7 @@ class RunConfig:
 
 # What each profile changes from the defaults (a config file and flags still override these).
 PROFILES: dict[str, dict] = {
-    "fast": {"models": {"methods": ["effnet-ridge", "effnet-mlp"]}, "tiles": {"size": 78}},
+    "fast": {"models": {"methods": ["effnet-ridge", "effnet-colour-ridge", "effnet-mlp"]}, "tiles": {"size": 78}},
     "reference": {"models": {"methods": ["hevisum-cnn"]}, "tiles": {"size": 78},
                   "train": {"loss": "hybrid", "target": "rank", "epochs": 30}},
 }

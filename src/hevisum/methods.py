@@ -16,7 +16,10 @@ import numpy as np
 from hevisum.config import FEATURE_METHODS, TILE_METHODS, RunConfig
 from hevisum.errors import HevisumError
 
-FEATURE_OF = {"mean": None, "colour-ridge": "colour", "effnet-ridge": "effnet", "effnet-mlp": "effnet"}
+# The cached per-tile features each feature method reads (several are concatenated).
+FEATURE_OF: dict[str, tuple[str, ...]] = {"mean": (), "colour-ridge": ("colour",), "effnet-ridge": ("effnet",),
+                                          "effnet-colour-ridge": ("effnet", "colour"), "effnet-mlp": ("effnet",)}
+RIDGE_METHODS = ("colour-ridge", "effnet-ridge", "effnet-colour-ridge")
 NETWORK_OF = {"hevisum-cnn": "hevisum-cnn", "effnet-finetune": "effnet-lite0"}
 
 
@@ -70,7 +73,7 @@ def fit_feature_method(name: str, X: np.ndarray | None, Y: np.ndarray, train_sli
     """Fit a feature method on rows (X may be None for ``mean``)."""
     if name == "mean":
         return FittedMethod(name, train_slides, {}, {"mean": Y.mean(axis=0).astype(np.float32)})
-    if name in ("colour-ridge", "effnet-ridge"):
+    if name in RIDGE_METHODS:
         from hevisum.models.baselines import RidgeHead
 
         head = RidgeHead(alpha=cfg.models.ridge_alpha or None).fit(X, Y)
@@ -87,7 +90,7 @@ def predict_feature_method(fm: FittedMethod, X: np.ndarray | None, n_rows: int) 
     """Predictions (n_rows, T) of a fitted feature method."""
     if fm.name == "mean":
         return np.repeat(fm.tensors["mean"][None, :], n_rows, axis=0).astype(np.float32)
-    if fm.name in ("colour-ridge", "effnet-ridge"):
+    if fm.name in RIDGE_METHODS:
         from hevisum.models.baselines import RidgeHead
 
         return RidgeHead.from_state(fm.tensors).predict(X).astype(np.float32)

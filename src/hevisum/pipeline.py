@@ -57,18 +57,35 @@ def method_list(cfg: RunConfig) -> list[str]:
 
 
 def get_method_features(name: str, prep, cfg: RunConfig, device: str, progress: bool) -> np.ndarray | None:
+    """The (cached) per-tile features a feature method reads, normalised as configured; None for tile methods."""
     from hevisum.features import cached_features
 
-    kind = FEATURE_OF.get(name)
-    if kind is None:
+    kinds = FEATURE_OF.get(name)
+    if not kinds:
         return None
-    params: dict = {}
-    if kind == "effnet":
-        params = {"input_size": cfg.models.encoder_input, "tta": cfg.train.tta, "precision": cfg.train.precision}
-    feats = cached_features(prep.workdir, prep.tiles, kind, device=device, progress=progress, **params)
+    parts = []
+    for kind in kinds:
+        params: dict = {}
+        if kind == "effnet":
+            params = {"input_size": cfg.models.encoder_input, "tta": cfg.train.tta, "precision": cfg.train.precision}
+        feats = cached_features(prep.workdir, prep.tiles, kind, device=device, progress=progress, **params)
+        if cfg.models.feature_norm == "slide":
+            feats = standardise_per_slide(feats, prep.spots["slide"].astype(str).to_numpy())
+        parts.append(feats)
+    feats = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     if cfg.train.coords:
         feats = np.concatenate([feats, slide_scaled_coords(prep.spots)], axis=1)
     return feats
+
+
+def standardise_per_slide(X: np.ndarray, slides: np.ndarray) -> np.ndarray:
+    """Z-score every feature within each slide. Uses no targets, so it is as legitimate on a test slide as on a
+    training one, and it removes slide-wide offsets (stain, scanner, thickness) that do not carry over."""
+    Z = np.empty(X.shape, dtype=np.float32)
+    for s in dict.fromkeys(slides.tolist()):
+        m = slides == s
+        Z[m] = (X[m] - X[m].mean(axis=0)) / (X[m].std(axis=0) + 1e-6)
+    return Z
 
 
 def slide_scaled_coords(spots: pd.DataFrame) -> np.ndarray:
@@ -170,8 +187,10 @@ def run_pipeline(inputs: list[str] | None, out: Path, config_path: str | None = 
             test_preds["stacking"] = st.test
             _save_stacker(st.final, cfg.stacking.model, stack_methods, tmp / "models" / "stacking")
             prediction_frame(prep.spots.iloc[folds.train_rows], st.oof).to_csv(tmp / "oof_stacking.csv", index=False)
-        # 5. Select by cross-validation only (never by the test truth), predict the test slides.
-        best = max(summaries, key=lambda k: _nan_low(summaries[k]["cv_spot_spearman"]))
+        # 5. Select by cross-validation only (never by the test truth), predict the test slides. Baselines are
+        # references, not candidates (the stacker sees them as inputs and can fall back on them).
+        candidates = [k for k in summaries if k not in BASELINES] or list(summaries)
+        best = max(candidates, key=lambda k: _nan_low(summaries[k]["cv_spot_spearman"]))
         say(f"selected {best} (best cross-validated per-spot Spearman)", progress)
         metrics: dict = {"selected": best, "profile": cfg.profile, "device": device, "seed": cfg.seed,
                          "methods": summaries, "folds": folds.slide_ids,

@@ -12,7 +12,7 @@ import numpy as np
 from hevisum.errors import HevisumError
 
 #: Regularisation grid searched by :class:`RidgeHead` (and the ridge stacker) when no alpha is given.
-RIDGE_ALPHAS: np.ndarray = np.logspace(-2, 5, 15)
+RIDGE_ALPHAS: np.ndarray = np.logspace(-2, 7, 19)  # wide: on real slides the best penalty is often large
 
 # Ruifrok & Johnston (2001) stain vectors (optical density per RGB channel) for haematoxylin, eosin and DAB.
 # DAB is absent from H&E; it is kept as the third row so the matrix is square and invertible and the residual
