@@ -119,7 +119,8 @@ def predict_method(run_dir: Path, name: str, prep, cfg, n_outputs: int, device: 
             preds.append(predict_feature_method(fm, feats, len(rows)))
     from hevisum.pipeline import maybe_smooth
 
-    return maybe_smooth(rank_average(preds), rows, prep, cfg)
+    # As in `hevisum run`: smooth each fold model's predictions, then rank-average them.
+    return rank_average([maybe_smooth(p, rows, prep, cfg) for p in preds])
 
 
 def predict_from_run(run_dir: Path, input_path: str, out: Path, reader_kwargs: dict | None = None,

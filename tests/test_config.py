@@ -1,0 +1,65 @@
+"""The config loader and its documentation."""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import pytest
+
+from hevisum.config import RunConfig, dumps_toml, load_run_config
+from hevisum.errors import HevisumError
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+
+
+def _keys(obj, prefix=""):
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v):
+            yield from _keys(v, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", v
+
+
+def test_every_config_key_is_documented_with_its_default():
+    doc = DOC.read_text()
+    sections = doc.split("\n## ")
+    for key, default in _keys(RunConfig()):
+        section, _, name = key.rpartition(".")
+        text = next((s for s in sections if s.startswith(f"`[{section}]`")), None) if section else sections[1]
+        assert text is not None, f"docs/config.md has no section [{section}]"
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"docs/config.md does not document {key}"
+        if not isinstance(default, (list, dict)):
+            shown = dumps_toml_value(default)
+            assert f"`{shown}`" in row, f"{key}: default {shown} not in docs row {row!r}"
+
+
+def dumps_toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return repr(v)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_run_config(None, profile="reference", seed=4)
+    p = tmp_path / "c.toml"
+    p.write_text(dumps_toml(cfg))
+    assert load_run_config(p) == cfg
+
+
+@pytest.mark.parametrize("text,words", [
+    ("[train]\nepocs = 3\n", "train.epocs"),
+    ("[models]\nmethods = ['nope']\n", "nope"),
+    ("[train]\nepochs = 'x'\n", "train.epochs"),
+    ("profile = 'slow'\n", "slow"),
+    ("[tiles]\nsize = 80\n", "multiple of 3"),
+])
+def test_bad_config_names_the_key(tmp_path, text, words):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(HevisumError, match=words.replace(".", r"\.")):
+        load_run_config(p)
