@@ -51,8 +51,22 @@ def test_folds_hold_out_each_slide_once():
         assert not (fit & held).any()
 
 
-def test_one_training_slide_is_an_error():
-    with pytest.raises(HevisumError, match="at least 2 training slides"):
+def test_one_training_slide_is_cut_into_spatial_blocks():
+    rng = np.random.default_rng(0)
+    sp = _spots(200, ["A"], test=["T"])
+    sp.loc[:, ["x", "y"]] = rng.uniform(0, 1000, (len(sp), 2))
+    folds = make_folds(sp, n_blocks=4)
+    assert folds.slide_ids == sorted(folds.slide_ids) and len(folds.slide_ids) == 4
+    assert all(s.startswith("A#block") for s in folds.slide_ids)
+    xy = sp.loc[folds.train_rows, ["x", "y"]].to_numpy()
+    # Blocks are contiguous: each block's spots are closer to their own centre than to others' on average.
+    centres = np.array([xy[folds.slides == s].mean(axis=0) for s in folds.slide_ids])
+    own = np.linalg.norm(xy - centres[[folds.slide_ids.index(s) for s in folds.slides]], axis=1).mean()
+    assert own < 0.6 * np.linalg.norm(xy - xy.mean(axis=0), axis=1).mean()
+
+
+def test_too_few_spots_on_a_single_slide_is_an_error():
+    with pytest.raises(HevisumError, match="too few to cross-validate"):
         make_folds(_spots(5, ["A"], test=["T"]))
 
 

@@ -37,16 +37,34 @@ class Folds:
         return ~held, held
 
 
-def make_folds(spots: pd.DataFrame) -> Folds:
-    """Folds from a prepared spots table (columns slide, split; row order = tile order)."""
+def make_folds(spots: pd.DataFrame, n_blocks: int = 4, seed: int = 0) -> Folds:
+    """Folds from a prepared spots table (columns slide, split, x, y; row order = tile order).
+
+    With two or more training slides: leave one slide out. With a single training slide (one Visium
+    section, say) there is no other slide to hold out, so the slide is cut into ``n_blocks`` spatially
+    contiguous blocks (k-means on the spot coordinates) and each block is held out in turn; neighbouring
+    spots are correlated, so whole blocks, not random spots, keep the estimate honest.
+    """
     train = spots.index[spots["split"] == "train"].to_numpy()
     test = spots.index[spots["split"] == "test"].to_numpy()
     slides = spots.loc[train, "slide"].astype(str).to_numpy()
+    if len(train) == 0:
+        raise HevisumError("no training spots with targets: mark at least one slide as Train (it needs targets)")
     if len(set(slides)) < 2:
-        raise HevisumError(
-            f"leave-one-slide-out needs at least 2 training slides with targets, found {sorted(set(slides))}; "
-            "add training slides (or convert several inputs into one file)"
-        )
+        if len(train) < 10 * n_blocks:
+            raise HevisumError(
+                f"only one training slide ({slides[0]!r}) with {len(train)} spots: too few to cross-validate; "
+                f"add training slides or use a slide with at least {10 * n_blocks} spots"
+            )
+        from sklearn.cluster import KMeans
+
+        xy = spots.loc[train, ["x", "y"]].to_numpy(dtype=np.float64)
+        labels = KMeans(n_clusters=n_blocks, n_init=10, random_state=seed).fit_predict(xy)
+        # Name blocks in reading order (top to bottom) so fold names are stable and readable.
+        order = np.argsort([xy[labels == k, 1].mean() for k in range(n_blocks)])
+        rank = np.empty(n_blocks, dtype=int)
+        rank[order] = np.arange(n_blocks)
+        slides = np.array([f"{slides[0]}#block{rank[k] + 1}" for k in labels])
     return Folds(slides=slides, train_rows=train, test_rows=test)
 
 

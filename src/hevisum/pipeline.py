@@ -153,7 +153,7 @@ def run_pipeline(inputs: list[str] | None, out: Path, config_path: str | None = 
         atomic_write_text(tmp / "target_names.json", json.dumps(target_names, indent=1))
         shutil.copyfile(prep.workdir / "stain.json", tmp / "stain.json")
         # 3. Cross-validate every method.
-        folds = make_folds(prep.spots)
+        folds = make_folds(prep.spots, seed=cfg.seed)
         Y_raw = np.asarray(prep.targets, dtype=np.float32)
         Y_fit = fit_targets(Y_raw, np.asarray(prep.ranks), cfg)
         Yr_train, Yf_train = Y_raw[folds.train_rows], Y_fit[folds.train_rows]
