@@ -133,7 +133,7 @@ def cross_validate_method(name: str, folds: Folds, Y_fit: np.ndarray, Y_raw: np.
         if name in FEATURE_METHODS:
             X = features
             fm = fit_feature_method(name, None if X is None else X[fit_rows], Y_fit[fit_rows], train_slides, cfg,
-                                    fold_seed)
+                                    fold_seed, groups=folds.slides[fit_mask])
             oof[held_mask] = predict_feature_method(fm, None if X is None else X[held_rows], len(held_rows))
             if len(folds.test_rows):
                 test_folds.append(predict_feature_method(fm, None if X is None else X[folds.test_rows],

@@ -69,14 +69,14 @@ class FittedMethod:
 
 
 def fit_feature_method(name: str, X: np.ndarray | None, Y: np.ndarray, train_slides: list[str], cfg: RunConfig,
-                       seed: int) -> FittedMethod:
-    """Fit a feature method on rows (X may be None for ``mean``)."""
+                       seed: int, groups: np.ndarray | None = None) -> FittedMethod:
+    """Fit a feature method on rows (X may be None for ``mean``); ``groups`` are the rows' slides (or blocks)."""
     if name == "mean":
         return FittedMethod(name, train_slides, {}, {"mean": Y.mean(axis=0).astype(np.float32)})
     if name in RIDGE_METHODS:
         from hevisum.models.baselines import RidgeHead
 
-        head = RidgeHead(alpha=cfg.models.ridge_alpha or None).fit(X, Y)
+        head = RidgeHead(alpha=cfg.models.ridge_alpha or None).fit(X, Y, groups)
         return FittedMethod(name, train_slides, {"alpha": head.alpha_}, head.state())
     if name == "effnet-mlp":
         from hevisum.models.baselines import MLPHead

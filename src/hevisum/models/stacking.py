@@ -180,9 +180,9 @@ class RidgeStacker(RidgeHead):
     ``alpha`` None chooses it by leave-one-out CV over :data:`hevisum.models.baselines.RIDGE_ALPHAS`.
     """
 
-    def fit(self, X: Any, Y: Any, groups: np.ndarray | None = None) -> RidgeStacker:  # type: ignore[override]
-        """Fit on all rows; ``groups`` is accepted for interface parity and not needed by the closed-form fit."""
-        super().fit(X, Y)
+    def fit(self, X: Any, Y: Any, groups: np.ndarray | None = None) -> RidgeStacker:
+        """Fit on all rows; with ``groups`` (slide ids) the penalty is chosen by leave-one-slide-out."""
+        super().fit(X, Y, groups)
         return self
 
 
