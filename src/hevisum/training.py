@@ -79,7 +79,9 @@ class TileDataset:
         import torch
 
         r = int(self.rows[i])
-        item = [torch.from_numpy(np.ascontiguousarray(self.tiles[r]))]
+        tile = self.tiles[r]
+        # A memory-mapped cache is read-only; torch wants a writeable buffer, so copy the (small) tile.
+        item = [torch.from_numpy(np.array(tile, copy=True))]
         item.append(torch.from_numpy(self.targets[r]) if self.targets is not None else torch.zeros(0))
         item.append(torch.from_numpy(self.extra[r]) if self.extra is not None else torch.zeros(0))
         return tuple(item)
