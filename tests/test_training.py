@@ -86,3 +86,15 @@ def test_early_stopping_keeps_the_best_epoch():
 
     again = mean_spot_spearman(predict_tiles(net, tiles, np.arange(20, 30), batch_size=64), Y[20:])
     assert again == pytest.approx(best, abs=1e-6)
+
+
+def test_effnet_finetune_trains_end_to_end_from_pretrained_weights():
+    tiles, Y = _toy(24)
+    net = create_model("effnet-lite0", Y.shape[1], pretrained=True)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = TrainConfig(epochs=1, batch_size=8, patience=2)
+    res = train_tile_model(net, tiles, np.arange(16), np.arange(16, 24), Y, Y[16:], cfg, seed=0)
+    assert len(res.log) == 1 and np.isfinite(res.log["train_loss"]).all()
+    # Fine-tuning moves the encoder too, not only the head.
+    changed = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(not k.startswith("head") and "classifier" not in k for k in changed), changed[:5]

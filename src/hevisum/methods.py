@@ -55,8 +55,9 @@ class FittedMethod:
 
         atomic_write_text(folder / "model.json", json.dumps(
             {"name": self.name, "train_slides": self.train_slides, "params": self.params}, indent=2))
-        if self.log is not None:
+        if self.log is not None and len(self.log):
             self.log.to_csv(folder / "log.csv", index=False)
+            _loss_png(self.log, folder / "loss_curve.png", f"{self.name}, trained on {', '.join(self.train_slides)}")
 
     @classmethod
     def load(cls, folder: Path) -> "FittedMethod":
@@ -66,6 +67,23 @@ class FittedMethod:
         meta = json.loads(meta_path.read_text())
         return cls(name=meta["name"], train_slides=meta["train_slides"], params=meta["params"],
                    tensors=_load_tensors(folder / "model.safetensors"))
+
+
+def _loss_png(log, path: Path, title: str) -> None:
+    """The fold's training/validation loss and validation per-spot Spearman per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hevisum.report.plots import loss_curves
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    loss_curves(a1, a2, {"": log})
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def fit_feature_method(name: str, X: np.ndarray | None, Y: np.ndarray, train_slides: list[str], cfg: RunConfig,
