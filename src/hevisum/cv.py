@@ -29,7 +29,9 @@ class Folds:
 
     @property
     def slide_ids(self) -> list[str]:
-        return list(dict.fromkeys(self.slides.tolist()))
+        """Held-out groups: slides in input order; spatial blocks of one slide in reading order."""
+        ids = list(dict.fromkeys(self.slides.tolist()))
+        return sorted(ids) if all("#block" in i for i in ids) else ids
 
     def split(self, held_out: str) -> tuple[np.ndarray, np.ndarray]:
         """Boolean masks over training rows: (fit, held out)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hevisum.config import FEATURE_METHODS, RunConfig, dump_config, load_run_config
+from hevisum.config import RunConfig, dump_config, load_run_config
 from hevisum.cv import (
     MethodCV,
     cross_validate_method,

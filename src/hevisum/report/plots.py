@@ -11,7 +11,7 @@ def methods_bar(ax, summaries: dict, test: dict | None = None, baselines=("mean"
     cv = [summaries[n]["cv_spot_spearman"] or np.nan for n in names]
     colours = ["#9e9e9e" if n in baselines else "#3f6fb5" for n in names]
     x = np.arange(len(names))
-    ax.bar(x, cv, color=colours, label="cross-validation (all OOF spots)")
+    ax.bar(x, cv, color=colours)
     for i, n in enumerate(names):
         folds = list(summaries[n].get("cv_fold_spot_spearman", {}).values())
         ax.scatter(np.full(len(folds), i), folds, color="black", s=10, zorder=3)
@@ -24,7 +24,12 @@ def methods_bar(ax, summaries: dict, test: dict | None = None, baselines=("mean"
     lo = min(finite + [0.0]) if finite else 0.0
     ax.set_ylim(min(0.0, lo - 0.05), 1.0)
     ax.set_title("Methods vs baselines (grey); dots: held-out slides")
-    ax.legend(loc="lower right", fontsize=8)
+    from matplotlib.patches import Patch
+
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Patch(color="#3f6fb5", label="cross-validation (all out-of-fold spots)"),
+                Patch(color="#9e9e9e", label="baseline, cross-validation")]
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
     return ax
 
 
