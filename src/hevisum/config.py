@@ -359,8 +359,8 @@ class RunConfig:
         _choice("profile", self.profile, ("fast", "reference"))
 
     def preprocess_config(self) -> PreprocessConfig:
-        return PreprocessConfig(stain=self.stain, tissue=self.tissue, realign=self.realign, spots=self.spots,
-                                targets=self.targets, tiles=self.tiles)
+        # The preprocessing sections are the same dataclasses, under the same names.
+        return PreprocessConfig(**{f.name: getattr(self, f.name) for f in fields(PreprocessConfig)})
 
 
 # What each profile changes from the defaults (a config file and flags still override these).

@@ -107,13 +107,6 @@ def maybe_smooth(pred: np.ndarray, rows: np.ndarray, prep, cfg: RunConfig) -> np
                               sp["pitch_px"].to_numpy(float) * cfg.smoothing.sigma_pitches)
 
 
-def _read_truth(path: str | Path) -> pd.DataFrame:
-    p = Path(path)
-    if not p.is_file():
-        raise HevisumError(f"truth file {str(p)!r} not found; expected a CSV with columns slide, ID, C1..Cn")
-    return pd.read_csv(p)
-
-
 def run_pipeline(inputs: list[str] | None, out: Path, config_path: str | None = None, profile: str | None = None,
                  truth: str | None = None, seed: int | None = None, reader_kwargs: dict | None = None,
                  device: str = "auto", progress: bool = True) -> dict:
@@ -223,7 +216,7 @@ def run_pipeline(inputs: list[str] | None, out: Path, config_path: str | None = 
 
 def _truth_frame(truth: str | None, prep) -> pd.DataFrame | None:
     if truth:
-        return _read_truth(truth)
+        return pd.read_csv(truth)  # existence checked before any work started
     p = prep.workdir / "test_truth.csv"
     return pd.read_csv(p) if p.is_file() else None
 
