@@ -34,6 +34,8 @@ def main() -> int:
     ap.add_argument("--coords", action="store_true", help="spot coordinates as an extra input of the heads")
     ap.add_argument("--feature-norm", default="slide", choices=["slide", "global"])
     ap.add_argument("--target", default="rank", choices=["rank", "raw"])
+    ap.add_argument("--tie-tol", type=float, default=0.0,
+                    help="near-tie tolerance of the rank targets (0 = plain ranks; 1e-6 collapses HER2ST's ~1e-10 values)")
     ap.add_argument("--tile-size", type=int, default=78)
     ap.add_argument("--encoder-input", type=int, default=112)
     ap.add_argument("--seed", type=int, default=0)
@@ -48,7 +50,7 @@ def main() -> int:
               f'feature_norm = "{args.feature_norm}"\n'
               f'[train]\nepochs = {args.epochs}\ntta = {str(args.tta).lower()}\ntarget = "{args.target}"\n'
               f'augment = {str(args.augment).lower()}\ncoords = {str(args.coords).lower()}\n'
-              f'[tiles]\nsize = {args.tile_size}\n'
+              f'[tiles]\nsize = {args.tile_size}\n[targets]\ntie_tol = {args.tie_tol}\n'
               f'[stacking]\nenabled = {str(args.stacking != "off").lower()}\n'
               f'model = "{args.stacking if args.stacking != "off" else "ridge"}"\n'
               f'[smoothing]\nenabled = {str(args.smoothing == "on").lower()}\n')

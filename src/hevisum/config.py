@@ -83,7 +83,9 @@ class SpotsConfig:
 @dataclass(frozen=True)
 class TargetsConfig:
     # ranks.npy (per-spot ranks 1..T) is always written beside the raw targets
-    tie_tol: float = 1e-6  # values within this of each other (relative to the spot's max |value|) count as tied
+    # values within this of each other (relative to the spot's max |value|) count as tied; 0 = plain ranks, as the
+    # metric sees them (measured: collapsing HER2ST's ~1e-10 values loses signal, see docs/benchmarks.md)
+    tie_tol: float = 0.0
 
     def check(self) -> None:
         if self.tie_tol < 0:
@@ -266,7 +268,7 @@ def dump_config(obj: Any, path: str | Path) -> None:
 
 # ---------------------------------------------------------------- training and the main job
 
-FEATURE_METHODS = ("mean", "colour-ridge", "effnet-ridge", "effnet-colour-ridge", "effnet-mlp")
+FEATURE_METHODS = ("mean", "colour-ridge", "effnet-ridge", "effnet-colour-ridge", "effnet-stages-ridge", "effnet-mlp")
 TILE_METHODS = ("hevisum-cnn", "effnet-finetune")
 METHODS = FEATURE_METHODS + TILE_METHODS
 

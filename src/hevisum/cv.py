@@ -209,9 +209,17 @@ def cross_validate_stacking(X_oof: np.ndarray, Y_fit_train: np.ndarray, Y_raw_tr
 
 
 def summarise(name: str, oof: np.ndarray, Y_raw_train: np.ndarray, fold_scores: dict[str, float],
-              target_names: list[str]) -> dict:
-    """Metrics of one method over all OOF rows plus its per-fold scores."""
+              target_names: list[str], Y_fit_train: np.ndarray | None = None) -> dict:
+    """Metrics of one method over all OOF rows plus its per-fold scores.
+
+    Correlations are against the raw targets (ranks are all they see). ``cv_mse`` compares like with like: the
+    predictions with the targets the models were fitted to (``Y_fit_train``: per-spot ranks scaled 0..1 by
+    default), not rank-space predictions with raw values.
+    """
+    from hevisum.metrics import mse
+
     s = score(oof, Y_raw_train, target_names)
+    s["mse"] = mse(oof, Y_raw_train if Y_fit_train is None else Y_fit_train)
     return {"method": name, "cv_spot_spearman": s["spot_spearman"],
             "cv_fold_spot_spearman": {k: float(v) for k, v in fold_scores.items()},
             "cv_fold_mean": float(np.nanmean(list(fold_scores.values()))),

@@ -14,7 +14,7 @@ import numpy as np
 
 from hevisum.io.atomic import atomic_path
 
-FEATURE_KINDS = ("colour", "effnet")
+FEATURE_KINDS = ("colour", "effnet", "effnet-stages")
 
 
 def _cache_path(workdir: Path, kind: str, params: dict) -> Path:
@@ -28,25 +28,28 @@ def compute_features(tiles: np.ndarray, kind: str, *, input_size: int = 112, tta
 
     ``effnet``: ImageNet-pretrained EfficientNet-Lite0, global-average-pooled 1280-vector, tiles resized
     to ``input_size``; with ``tta`` the features of the 8 flips/rotations are averaged.
+    ``effnet-stages``: the same network, every stage's output pooled (mean and standard deviation) beside the
+    1280-vector: 2848 features from the same forward pass.
     ``colour``: colour, haematoxylin/eosin and texture statistics (no network).
     """
     if kind == "colour":
         from hevisum.models.baselines import colour_features
 
         return np.asarray(colour_features(tiles), dtype=np.float32)
-    if kind == "effnet":
+    if kind in ("effnet", "effnet-stages"):
         from hevisum.models.effnet import extract_features, load_pretrained_lite0
         from hevisum.training import autocast_dtype
 
         encoder = load_pretrained_lite0()
         bf16 = autocast_dtype(precision, device) is not None
+        stages = kind == "effnet-stages"
         if not tta:
             return extract_features(encoder, tiles, input_size=input_size, device=device, autocast_bf16=bf16,
-                                    progress=progress).astype(np.float32)
+                                    progress=progress, stages=stages).astype(np.float32)
         acc = None
         for k, view in enumerate(_dihedral_np_views()):
             f = extract_features(encoder, _LazyView(tiles, view), input_size=input_size, device=device,
-                                 autocast_bf16=bf16, progress=progress)
+                                 autocast_bf16=bf16, progress=progress, stages=stages)
             acc = f if acc is None else acc + f
         return (acc / 8).astype(np.float32)
     from hevisum.errors import HevisumError
@@ -78,7 +81,14 @@ class _LazyView:
 
 
 def cached_features(workdir: Path, tiles: np.ndarray, kind: str, **params) -> np.ndarray:
-    """Compute features once per (tile cache, kind, parameters) and keep them in ``workdir/features``."""
+    """Compute features once per (tile cache, kind, parameters) and keep them in ``workdir/features``.
+
+    ``effnet`` is read off the cached ``effnet-stages`` (its last 1280 columns): one forward pass serves both.
+    """
+    if kind == "effnet":
+        from hevisum.models.effnet import HEAD_CHANNELS
+
+        return cached_features(workdir, tiles, "effnet-stages", **params)[:, -HEAD_CHANNELS:]
     key_params = {k: v for k, v in params.items() if k not in ("progress", "device")}
     key_params["n_tiles"] = int(len(tiles))
     key_params["tile_shape"] = list(tiles.shape[1:])

@@ -18,8 +18,9 @@ from hevisum.errors import HevisumError
 
 # The cached per-tile features each feature method reads (several are concatenated).
 FEATURE_OF: dict[str, tuple[str, ...]] = {"mean": (), "colour-ridge": ("colour",), "effnet-ridge": ("effnet",),
-                                          "effnet-colour-ridge": ("effnet", "colour"), "effnet-mlp": ("effnet",)}
-RIDGE_METHODS = ("colour-ridge", "effnet-ridge", "effnet-colour-ridge")
+                                          "effnet-colour-ridge": ("effnet", "colour"), "effnet-mlp": ("effnet",),
+                                          "effnet-stages-ridge": ("effnet-stages", "colour")}
+RIDGE_METHODS = ("colour-ridge", "effnet-ridge", "effnet-colour-ridge", "effnet-stages-ridge")
 NETWORK_OF = {"hevisum-cnn": "hevisum-cnn", "effnet-finetune": "effnet-lite0"}
 
 

@@ -66,7 +66,7 @@ def get_method_features(name: str, prep, cfg: RunConfig, device: str, progress: 
     parts = []
     for kind in kinds:
         params: dict = {}
-        if kind == "effnet":
+        if kind.startswith("effnet"):
             params = {"input_size": cfg.models.encoder_input, "tta": cfg.train.tta, "precision": cfg.train.precision}
         feats = cached_features(prep.workdir, prep.tiles, kind, device=device, progress=progress, **params)
         if cfg.models.feature_norm == "slide":
@@ -162,7 +162,7 @@ def run_pipeline(inputs: list[str] | None, out: Path, config_path: str | None = 
             res.oof = maybe_smooth(res.oof, folds.train_rows, prep, cfg)
             res.test_folds = [maybe_smooth(p, folds.test_rows, prep, cfg) for p in res.test_folds]
             results.append(res)
-            summaries[name] = summarise(name, res.oof, Yr_train, res.fold_scores, target_names)
+            summaries[name] = summarise(name, res.oof, Yr_train, res.fold_scores, target_names, Yf_train)
             summaries[name]["seconds"] = time.perf_counter() - t0
             say(f"{name}: CV per-spot Spearman {summaries[name]['cv_spot_spearman']:.4f}", progress)
             for fm, held in zip(res.models, folds.slide_ids):
@@ -176,7 +176,7 @@ def run_pipeline(inputs: list[str] | None, out: Path, config_path: str | None = 
             st = cross_validate_stacking(stack_inputs(results), Yf_train, Yr_train, folds.slides,
                                          stack_test_inputs(results) if len(folds.test_rows) else np.zeros((0, 0)),
                                          kind=cfg.stacking.model, seed=cfg.seed)
-            summaries["stacking"] = summarise("stacking", st.oof, Yr_train, st.fold_scores, target_names)
+            summaries["stacking"] = summarise("stacking", st.oof, Yr_train, st.fold_scores, target_names, Yf_train)
             test_preds["stacking"] = st.test
             _save_stacker(st.final, cfg.stacking.model, stack_methods, tmp / "models" / "stacking")
             prediction_frame(prep.spots.iloc[folds.train_rows], st.oof).to_csv(tmp / "oof_stacking.csv", index=False)

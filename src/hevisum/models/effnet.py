@@ -11,6 +11,7 @@ see the pixel grid they were trained on. BatchNorm uses TF's eps = 1e-3.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,6 +130,8 @@ class EfficientNetLite0(nn.Module):
                 blocks.append(MBConvLite(c_in, c_out, expand, kernel, stride if r == 0 else 1, rate))
                 c_in = c_out
         self._blocks = nn.ModuleList(blocks)
+        # index of the last block of every stage (where forward_stages pools)
+        self._stage_ends = frozenset(int(e) - 1 for e in itertools.accumulate(st[4] for st in LITE0_STAGES))
         self._conv_head = _conv(c_in, HEAD_CHANNELS, 1)
         self._bn1 = _bn(HEAD_CHANNELS)
         self._dropout = nn.Dropout(dropout)
@@ -147,6 +150,24 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         x = F.relu6(self._bn1(self._conv_head(x)))
         return x.mean(dim=(2, 3))
+
+    def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, 2848): the mean and standard deviation over positions of each stage's output (16, 24,
+        40, 80, 112, 192, 320 channels), then the 1280-d embedding of :meth:`forward_features`.
+
+        Early stages describe texture and nuclei at a fine scale, which ImageNet's last layer has traded for
+        object categories; pooled together they carry more of what distinguishes tissue types.
+        """
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        parts: list[torch.Tensor] = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self._stage_ends:
+                xf = x.float()
+                parts += [xf.mean(dim=(2, 3)), xf.std(dim=(2, 3))]
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        parts.append(x.float().mean(dim=(2, 3)))
+        return torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → (B, num_classes) logits (or the embedding when num_classes is 0)."""
@@ -241,16 +262,20 @@ def extract_features(
     device: str | torch.device = "cpu",
     autocast_bf16: bool = True,
     progress: bool = False,
+    stages: bool = False,
 ) -> np.ndarray:
-    """Embed uint8 tiles (N, S, S, 3) with ``encoder.forward_features`` → (N, F) float32 (F = 1280 for Lite0).
+    """Embed uint8 tiles (N, S, S, 3) with ``encoder.forward_features`` → (N, F) float32 (F = 1280 for Lite0);
+    with ``stages``, ``encoder.forward_stages`` (F = 2848 for Lite0: every stage pooled, then the embedding).
 
     Tiles are read batch by batch, so a ``np.memmap`` is never loaded whole. Each batch is normalised with
     :func:`normalise_uint8`, resized to ``input_size`` px (bilinear, antialiased when shrinking) when given, and
     run under ``inference_mode``, in bfloat16 autocast when ``autocast_bf16``. The encoder is used in eval mode
     and put back in its previous mode afterwards.
     """
-    if not hasattr(encoder, "forward_features"):
-        raise HevisumError(f"encoder must have a forward_features method, got {type(encoder).__name__}")
+    forward_name = "forward_stages" if stages else "forward_features"
+    if not hasattr(encoder, forward_name):
+        raise HevisumError(f"encoder must have a {forward_name} method, got {type(encoder).__name__}")
+    forward = getattr(encoder, forward_name)
     shape = getattr(tiles_uint8, "shape", None)
     if shape is None or len(shape) != 4 or shape[-1] != 3 or getattr(tiles_uint8, "dtype", None) != np.uint8:
         raise HevisumError(
@@ -263,7 +288,7 @@ def extract_features(
         raise HevisumError(f"input_size must be None or an integer >= 32 (pixels), got {input_size!r}")
     dev = torch.device(device)
     n = int(shape[0])
-    out_dim = int(getattr(encoder, "num_features", 0)) or None
+    out_dim = None if stages else int(getattr(encoder, "num_features", 0)) or None
     chunks: list[np.ndarray] = []
     starts: Sequence[int] = range(0, n, batch_size)
     if progress:
@@ -284,7 +309,7 @@ def extract_features(
                         antialias=input_size < x.shape[-1],
                     )  # fmt: skip
                 with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-                    feats = encoder.forward_features(x)
+                    feats = forward(x)
                 chunks.append(feats.float().cpu().numpy())
     finally:
         encoder.train(was_training)
