@@ -307,7 +307,8 @@ class TrainConfig:
 class ModelsConfig:
     """Which methods run in cross-validation; baselines are always added."""
 
-    methods: list = field(default_factory=lambda: ["effnet-ridge", "effnet-colour-ridge", "effnet-mlp"])
+    methods: list = field(default_factory=lambda: ["effnet-ridge", "effnet-colour-ridge", "effnet-stages-ridge",
+                                                   "effnet-mlp"])
     encoder_input: int = 112  # side (px) the frozen encoder sees; tiles are resized to it
     ridge_alpha: float = 0.0  # 0 = choose by internal cross-validation
     # slide: standardise features within each slide (label-free; removes slide-wide colour and stain offsets);
@@ -367,7 +368,8 @@ class RunConfig:
 
 # What each profile changes from the defaults (a config file and flags still override these).
 PROFILES: dict[str, dict] = {
-    "fast": {"models": {"methods": ["effnet-ridge", "effnet-colour-ridge", "effnet-mlp"]}, "tiles": {"size": 78}},
+    "fast": {"models": {"methods": ["effnet-ridge", "effnet-colour-ridge", "effnet-stages-ridge", "effnet-mlp"]},
+             "tiles": {"size": 78}},
     "reference": {"models": {"methods": ["hevisum-cnn"]}, "tiles": {"size": 78},
                   "train": {"loss": "hybrid", "target": "rank", "epochs": 30}},
 }

@@ -61,8 +61,10 @@ def loss_curves(ax_loss, ax_score, logs: dict):
     ax_loss.set_ylabel("loss")
     ax_score.set_xlabel("epoch")
     ax_score.set_ylabel("inner-validation per-spot Spearman")
-    ax_loss.legend(fontsize=6)
-    ax_score.legend(fontsize=6)
+    if ax_loss.get_legend_handles_labels()[0]:
+        ax_loss.legend(fontsize=6)
+    if ax_score.get_legend_handles_labels()[0]:
+        ax_score.legend(fontsize=6)
     return ax_loss, ax_score
 
 
