@@ -16,6 +16,7 @@ from hevisum.cv import (
     rank_average,
     spot_ranks,
     stack_inputs,
+    summarise,
 )
 from hevisum.errors import HevisumError
 from hevisum.models.baselines import RidgeHead
@@ -140,3 +141,14 @@ def test_fit_targets_rank_space_is_scaled_ranks():
     np.testing.assert_allclose(fit_targets(raw, ranks, cfg), [[0, 1, 0.5], [1, 0, 0.5]])
     cfg_raw = from_dict(RunConfig, {"train": {"target": "raw"}})
     np.testing.assert_allclose(fit_targets(raw, ranks, cfg_raw), raw)
+
+
+def test_summary_mse_compares_predictions_with_the_targets_they_were_fitted_to():
+    rng = np.random.default_rng(0)
+    raw = rng.gamma(1.0, 5.0, (40, 6))  # raw values far from the 0..1 rank scale
+    fit = fit_targets(raw, rankdata(raw, axis=1), RunConfig())
+    oof = fit + rng.normal(0, 0.1, fit.shape)  # good rank-space predictions
+    s = summarise("m", oof, raw, {"a": 0.5}, [f"C{i}" for i in range(6)], fit)
+    assert s["cv_mse"] == pytest.approx(float(((oof - fit) ** 2).mean()), rel=1e-6)
+    assert s["cv_mse"] < 0.02  # against the raw values it would be about 50
+    assert s["cv_spot_spearman"] == pytest.approx(mean_spot_spearman(oof, raw))
