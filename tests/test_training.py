@@ -8,7 +8,14 @@ import torch
 
 from hevisum.config import TrainConfig
 from hevisum.models.factory import create_model
-from hevisum.training import augment_batch, dihedral_views, lr_at, predict_tiles, train_tile_model
+from hevisum.training import (
+    augment_batch,
+    dihedral_views,
+    inference_copy,
+    lr_at,
+    predict_tiles,
+    train_tile_model,
+)
 
 
 def _toy(n: int = 40, T: int = 6, seed: int = 0):
@@ -60,6 +67,27 @@ def test_bfloat16_inference_agrees_with_float32():
     assert r > 0.99, r
     # The model itself stays float32 (prediction works on a copy).
     assert next(net.parameters()).dtype == torch.float32
+
+
+def test_inference_copy_folds_batchnorm_into_convolutions_without_changing_outputs():
+    torch.manual_seed(0)
+    net = create_model("hevisum-cnn", 5).eval()
+    g = torch.Generator().manual_seed(1)
+    n_bn = 0
+    for m in net.modules():  # BatchNorm statistics and affine parameters as after training, not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n_bn += 1
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    fused = inference_copy(net)
+    assert n_bn > 10 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == n_bn  # the original is untouched
+    x = torch.rand(4, 3, 78, 78)
+    with torch.no_grad():
+        np.testing.assert_allclose(fused(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-4)
+    assert next(inference_copy(net, torch.bfloat16).parameters()).dtype == torch.bfloat16
 
 
 def test_augmentation_and_tta_views_are_the_dihedral_group():
