@@ -50,11 +50,11 @@ def test_chained_ties_and_special_rows():
     np.testing.assert_array_equal(r[2], [1, 3, 2])
 
 
-def test_real_her2st_truth_absent_types_tie(shared_data):
+def test_real_her2st_truth_absent_types_tie_when_collapsing(shared_data):
     import pandas as pd
 
     y = pd.read_csv(shared_data / "challenge" / "her2st_test_truth.csv").filter(regex=r"^C\d+$").to_numpy()
-    r = rank_targets(y)
+    r = rank_targets(y, tie_tol=1e-6)
     # absent types: stereoscope leaves them at 1e-10..4e-7 (jitter in the last digits); real ones are >= 1e-4
     absent = y < 1e-5
     for i in range(len(y)):
@@ -63,3 +63,12 @@ def test_real_her2st_truth_absent_types_tie(shared_data):
             assert r[i, absent[i]][0] == pytest.approx((absent[i].sum() + 1) / 2)
         # present types keep rankdata's order
         np.testing.assert_array_equal(r[i, ~absent[i]], rankdata(y[i, ~absent[i]]) + absent[i].sum())
+
+
+def test_default_is_plain_ranks_as_the_metric_sees_them():
+    from hevisum.config import RunConfig
+
+    rng = np.random.default_rng(3)
+    Y = np.where(rng.random((20, 12)) < 0.5, 1e-10 * (1 + 0.01 * rng.random((20, 12))), rng.random((20, 12)))
+    assert RunConfig().targets.tie_tol == 0.0
+    np.testing.assert_array_equal(rank_targets(Y), rankdata(Y, axis=1))
