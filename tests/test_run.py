@@ -141,3 +141,18 @@ def test_default_run_on_demo_data_learns_the_image_signal(tmp_path):
     best = test[metrics["selected"]]["overall"]["spot_spearman"]
     assert best > test["mean"]["overall"]["spot_spearman"] + 0.1
     assert metrics["seconds"] < 300
+
+
+def test_a_truth_file_for_other_spots_is_refused_before_any_training(tiny_run, tmp_path):
+    truth = pd.read_csv(tiny_run["truth"])
+    truth["ID"] = truth["ID"] + 1000  # the IDs of some other file
+    bad = tmp_path / "other_truth.csv"
+    truth.to_csv(bad, index=False)
+    out = tmp_path / "out"
+    proc = cli("run", str(tiny_run["h5"]), "--out", str(out), "--config", str(tiny_run["tmp"] / "tiny.toml"),
+               "--truth", str(bad), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("error:") and "other_truth.csv" in err[-1] and "test spots" in err[-1]
+    assert not any("cross-validating" in line for line in err)  # refused before the first method ran
+    assert not out.exists()

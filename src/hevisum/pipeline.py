@@ -147,6 +147,13 @@ def run_pipeline(inputs: list[str] | None, out: Path, config_path: str | None = 
         shutil.copyfile(prep.workdir / "stain.json", tmp / "stain.json")
         # 3. Cross-validate every method.
         folds = make_folds(prep.spots, seed=cfg.seed)
+        if truth and len(folds.test_rows):
+            # Check that the truth file names these test spots before any training, not after it.
+            from hevisum.metrics import evaluate_frames
+
+            probe = np.tile(np.arange(len(prep.target_names), dtype=np.float32), (len(folds.test_rows), 1))
+            evaluate_frames(prediction_frame(prep.spots.iloc[folds.test_rows], probe), pd.read_csv(truth),
+                            names=("the input's test spots (slide, ID)", str(truth)))
         Y_raw = np.asarray(prep.targets, dtype=np.float32)
         Y_fit = fit_targets(Y_raw, np.asarray(prep.ranks), cfg)
         Yr_train, Yf_train = Y_raw[folds.train_rows], Y_fit[folds.train_rows]
