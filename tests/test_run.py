@@ -156,3 +156,17 @@ def test_a_truth_file_for_other_spots_is_refused_before_any_training(tiny_run, t
     assert err[-1].startswith("error:") and "other_truth.csv" in err[-1] and "test spots" in err[-1]
     assert not any("cross-validating" in line for line in err)  # refused before the first method ran
     assert not out.exists()
+
+
+def test_test_mse_is_also_reported_in_the_space_the_models_were_fitted_in(tiny_run):
+    from scipy.stats import rankdata
+
+    m = json.loads((tiny_run["out"] / "metrics.json").read_text())
+    pred = pd.read_csv(tiny_run["out"] / f"test_{m['selected']}.csv")
+    truth = pd.read_csv(tiny_run["truth"]).merge(pred[["slide", "ID"]], on=["slide", "ID"])
+    cols = [c for c in pred.columns if c.startswith("C")]
+    t = truth.set_index(["slide", "ID"]).loc[list(zip(pred["slide"], pred["ID"])), cols].to_numpy()
+    fit = (rankdata(t, axis=1) - 1) / (t.shape[1] - 1)  # default: plain per-spot ranks scaled 0..1
+    overall = m["test"][m["selected"]]["overall"]
+    assert overall["mse_fit_space"] == pytest.approx(float(((pred[cols].to_numpy() - fit) ** 2).mean()), rel=1e-4)
+    assert overall["mse_fit_space"] < 0.2  # rank-space predictions against rank-space truth
