@@ -170,3 +170,15 @@ def test_test_mse_is_also_reported_in_the_space_the_models_were_fitted_in(tiny_r
     overall = m["test"][m["selected"]]["overall"]
     assert overall["mse_fit_space"] == pytest.approx(float(((pred[cols].to_numpy() - fit) ** 2).mean()), rel=1e-4)
     assert overall["mse_fit_space"] < 0.2  # rank-space predictions against rank-space truth
+
+
+def test_a_truth_file_in_the_submission_layout_without_a_slide_column_scores_the_run(tiny_run, tmp_path):
+    truth = pd.read_csv(tiny_run["truth"]).drop(columns=["slide"])  # ID, C1..Cn: one test slide
+    bare = tmp_path / "truth_ids_only.csv"
+    truth.to_csv(bare, index=False)
+    cfg = tmp_path / "ridge.toml"
+    cfg.write_text('[models]\nmethods = ["effnet-ridge"]\n')
+    out = tmp_path / "out"
+    cli("run", str(tiny_run["h5"]), "--out", str(out), "--config", str(cfg), "--truth", str(bare), "--quiet")
+    overall = json.loads((out / "metrics.json").read_text())["test"]["effnet-ridge"]["overall"]
+    assert np.isfinite(overall["spot_spearman"]) and 0 <= overall["mse_fit_space"] < 0.2

@@ -16,7 +16,7 @@ import pandas as pd
 from hevisum.config import FEATURE_METHODS, RunConfig
 from hevisum.errors import HevisumError
 from hevisum.methods import FittedMethod, build_network, fit_feature_method, predict_feature_method
-from hevisum.metrics import mean_spot_spearman, score
+from hevisum.metrics import mean_spot_spearman, mse, score
 
 
 @dataclass
@@ -216,8 +216,6 @@ def summarise(name: str, oof: np.ndarray, Y_raw_train: np.ndarray, fold_scores: 
     predictions with the targets the models were fitted to (``Y_fit_train``: per-spot ranks scaled 0..1 by
     default), not rank-space predictions with raw values.
     """
-    from hevisum.metrics import mse
-
     s = score(oof, Y_raw_train, target_names)
     s["mse"] = mse(oof, Y_raw_train if Y_fit_train is None else Y_fit_train)
     return {"method": name, "cv_spot_spearman": s["spot_spearman"],

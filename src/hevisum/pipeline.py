@@ -147,12 +147,13 @@ def run_pipeline(inputs: list[str] | None, out: Path, config_path: str | None = 
         shutil.copyfile(prep.workdir / "stain.json", tmp / "stain.json")
         # 3. Cross-validate every method.
         folds = make_folds(prep.spots, seed=cfg.seed)
+        truth_df = _truth_frame(truth, prep)
         if truth and len(folds.test_rows):
             # Check that the truth file names these test spots before any training, not after it.
             from hevisum.metrics import evaluate_frames
 
             probe = np.tile(np.arange(len(prep.target_names), dtype=np.float32), (len(folds.test_rows), 1))
-            evaluate_frames(prediction_frame(prep.spots.iloc[folds.test_rows], probe), pd.read_csv(truth),
+            evaluate_frames(prediction_frame(prep.spots.iloc[folds.test_rows], probe), truth_df,
                             names=("the input's test spots (slide, ID)", str(truth)))
         Y_raw = np.asarray(prep.targets, dtype=np.float32)
         Y_fit = fit_targets(Y_raw, np.asarray(prep.ranks), cfg)
@@ -200,7 +201,6 @@ def run_pipeline(inputs: list[str] | None, out: Path, config_path: str | None = 
             write_prediction_outputs(tmp, prep.spots.iloc[folds.test_rows], test_preds[best], target_names, thumbs)
             for name, pred in test_preds.items():
                 prediction_frame(prep.spots.iloc[folds.test_rows], pred).to_csv(tmp / f"test_{name}.csv", index=False)
-            truth_df = _truth_frame(truth, prep)
             if truth_df is not None:
                 from hevisum.metrics import evaluate_frames
 
@@ -231,7 +231,9 @@ def _add_fit_space_mse(test: dict, preds: dict, truth_df: pd.DataFrame, spots: p
 
     keys = pd.MultiIndex.from_arrays([spots["slide"].astype(str), spots["spot_id"].astype(str)])
     cols = [f"C{i + 1}" for i in range(next(iter(preds.values())).shape[1])]  # as in prediction_frame
-    t = truth_df.assign(slide=truth_df["slide"].astype(str), ID=truth_df["ID"].astype(str)).set_index(["slide", "ID"])
+    # a truth file without a slide column covers the one test slide (evaluate_frames has already checked that)
+    slide = truth_df["slide"].astype(str) if "slide" in truth_df else str(spots["slide"].iloc[0])
+    t = truth_df.assign(slide=slide, ID=truth_df["ID"].astype(str)).set_index(["slide", "ID"])
     T = t.loc[keys, cols].to_numpy(np.float64)
     T_fit = fit_targets(T, rank_targets(T, cfg.targets.tie_tol), cfg)
     for name, pred in preds.items():

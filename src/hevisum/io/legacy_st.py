@@ -199,6 +199,15 @@ def _targets_from_pattern(pattern: str, sec: str) -> Path:
     return Path(pattern.replace(_SLIDE_PLACEHOLDER, sec))
 
 
+def _section_image(folder: Path, sec: str) -> Path:
+    """The image of section ``sec`` in ``folder``; a clear error when there is none."""
+    img = find_image(folder, sec)
+    if img is None:
+        raise HevisumError(f"{folder}: no image for section {sec!r} (expected {sec}.jpg, "
+                           f"or another of {', '.join(IMAGE_SUFFIXES)})")
+    return img
+
+
 def _her2st_sections(root: Path, targets: str | None) -> tuple[list[tuple[str, Path, Path, Path]], bool | None, str]:
     """[(section, image, spots, targets)], counts flag, description of the targets chosen."""
     spots_dir, images_dir = root / "spots", root / "images"
@@ -223,10 +232,7 @@ def _her2st_sections(root: Path, targets: str | None) -> tuple[list[tuple[str, P
                            f"pattern containing {_SLIDE_PLACEHOLDER} (e.g. props/{_SLIDE_PLACEHOLDER}.tsv)")
     out = []
     for sec in secs:
-        img = find_image(images_dir, sec)
-        if img is None:
-            raise HevisumError(f"{images_dir}: no image for section {sec!r} (expected {sec}.jpg, "
-                               f"or another of {', '.join(IMAGE_SUFFIXES)})")
+        img = _section_image(images_dir, sec)
         if pattern is not None:
             tp = _targets_from_pattern(pattern, sec)
         else:
@@ -249,10 +255,7 @@ def _mob_sections(root: Path, targets: str | None) -> tuple[list[tuple[str, Path
                            f"{_SLIDE_PLACEHOLDER} (e.g. props/{_SLIDE_PLACEHOLDER}.tsv)")
     out = []
     for sec in secs:
-        img = find_image(root, sec)
-        if img is None:
-            raise HevisumError(f"{root}: no image for section {sec!r} (expected {sec}.jpg or another of "
-                               f"{', '.join(IMAGE_SUFFIXES)})")
+        img = _section_image(root, sec)
         if targets is not None and _SLIDE_PLACEHOLDER in targets:
             tp = _targets_from_pattern(targets, sec)
         else:
