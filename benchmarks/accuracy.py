@@ -1,122 +1,201 @@
-"""Accuracy on the real data: every method beside the `mean` and `colour-ridge` baselines, in one run.
+"""Accuracy on the real data: feature variants of the default method beside the `mean` and `colour-ridge`
+baselines, cross-validated on the training slides and scored on the test slides, in one run.
 
-    python benchmarks/accuracy.py [--methods effnet-ridge effnet-mlp ...] [--epochs N] [--datasets her2st mob]
+    python benchmarks/accuracy.py [--datasets her2st mob gbm her2st-folder] [--variants default probe ring1 ...]
 
-her2st.h5: leave-one-slide-out over C2-C5, predict C6, scored with her2st_test_truth.csv.
-mob.h5:    leave-one-slide-out over MOB1-MOB2, predict MOB3, scored with mob_test_truth.csv.
-Prints a table per dataset and, as the last line, one JSON object with every figure.
+Datasets (../shared/data):
+  her2st         challenge/her2st.h5 (3.2 um/px, no um/px in the file): leave-one-slide-out over C2-C5, test C6
+  mob            challenge/mob.h5: leave-one-slide-out over MOB1-MOB2, test MOB3
+  gbm            visium_gbm (one Visium section, hires image): cross-validation over 4 spatial blocks, no test
+  her2st-folder  her2st/ (the original 0.69 um/px images, celltypes_subset), test C6: the same slides as
+                 her2st.h5 at full resolution, where tissue-scale tiles are possible
+
+Each dataset is preprocessed once (spot tiles, tissue-scale tiles and wide tiles in one pass); each variant then
+changes only what the heads read. Variants:
+  default   encoder-ridge: EfficientNet-Lite0 stage-pooled features + colour statistics, per-slide standardised
+  probe     encoder-probe: the HEST-Benchmark probe (encoder embedding, PCA 256 + ridge)
+  ring1     default + the mean features of the neighbours within one lattice ring
+  ring2     default + the neighbours within two rings
+  slide     default + the slide's mean features
+  wide      default + features of a field of view of 6 pitches
+  global    default without per-slide standardisation
+  global+slide  no per-slide standardisation, with the slide's mean features
+  tissue    default with the encoder's tiles cut at 112 um field of view (224 px at 0.5 um/px) from the
+            full-resolution image; only where um/px is known (falls back to spot tiles, and says so)
+
+Figures: per-spot Spearman (the competition metric) and per-target Pearson, CV over all out-of-fold spots and
+on the test slide, and each variant's paired difference with `colour-ridge` (CV and test) with its standard
+error over spots. The last line is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO / ".." / "shared" / "data" / "challenge").resolve()
-DATASETS = {"her2st": ("her2st.h5", "her2st_test_truth.csv"), "mob": ("mob.h5", "mob_test_truth.csv")}
+DATA = (REPO / ".." / "shared" / "data").resolve()
+DATASETS = {
+    "her2st": {"inputs": ["challenge/her2st.h5"], "truth": "challenge/her2st_test_truth.csv", "reader": {}},
+    "mob": {"inputs": ["challenge/mob.h5"], "truth": "challenge/mob_test_truth.csv", "reader": {}},
+    "gbm": {"inputs": ["visium_gbm"], "truth": None, "reader": {}},
+    "her2st-folder": {"inputs": ["her2st"], "truth": None, "reader": {"test_slides": ["C6"]}},
+}
+VARIANTS = {
+    "default": ("encoder-ridge", {}),
+    "probe": ("encoder-probe", {}),
+    "ring1": ("encoder-ridge", {"features": {"context": ["ring1"]}}),
+    "ring2": ("encoder-ridge", {"features": {"context": ["ring2"]}}),
+    "slide": ("encoder-ridge", {"features": {"context": ["slide"]}}),
+    "wide": ("encoder-ridge", {"features": {"context": ["wide"]}}),
+    "global": ("encoder-ridge", {"models": {"feature_norm": "global"}}),
+    "global+slide": ("encoder-ridge", {"models": {"feature_norm": "global"}, "features": {"context": ["slide"]}}),
+    "tissue": ("encoder-ridge", {"features": {"tiles": "tissue"}}),
+}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    ap.add_argument("--methods", nargs="+", default=["effnet-ridge", "effnet-colour-ridge", "effnet-stages-ridge", "effnet-mlp"],
-                    help="methods besides the baselines (add hevisum-cnn for the reference CNN; slow on a CPU)")
-    ap.add_argument("--epochs", type=int, default=30, help="epochs for tile models")
-    ap.add_argument("--stacking", default="ridge", choices=["ridge", "mlp", "off"])
-    ap.add_argument("--smoothing", default="on", choices=["on", "off"], help="spatial smoothing of predictions")
-    ap.add_argument("--tta", action="store_true", help="test-time augmentation (8 flips/rotations)")
-    ap.add_argument("--augment", action="store_true", help="flip/rotation augmentation when training tile models")
-    ap.add_argument("--coords", action="store_true", help="spot coordinates as an extra input of the heads")
-    ap.add_argument("--feature-norm", default="slide", choices=["slide", "global"])
-    ap.add_argument("--target", default="rank", choices=["rank", "raw"])
-    ap.add_argument("--tie-tol", type=float, default=0.0,
-                    help="near-tie tolerance of the rank targets (0 = plain ranks; 1e-6 collapses HER2ST's ~1e-10 values)")
-    ap.add_argument("--tile-size", type=int, default=78)
-    ap.add_argument("--encoder-input", type=int, default=112)
+    ap.add_argument("--datasets", nargs="+", default=["her2st", "mob", "gbm"], choices=list(DATASETS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not DATA.is_dir():
         print(f"real data not found at {DATA}: place the shared/ folder beside the repository", file=sys.stderr)
         return 2
-    from hevisum.pipeline import run_pipeline
-
-    methods_toml = ", ".join(f'"{m}"' for m in args.methods)
-    config = (f'[models]\nmethods = [{methods_toml}]\nencoder_input = {args.encoder_input}\n'
-              f'feature_norm = "{args.feature_norm}"\n'
-              f'[train]\nepochs = {args.epochs}\ntta = {str(args.tta).lower()}\ntarget = "{args.target}"\n'
-              f'augment = {str(args.augment).lower()}\ncoords = {str(args.coords).lower()}\n'
-              f'[tiles]\nsize = {args.tile_size}\n[targets]\ntie_tol = {args.tie_tol}\n'
-              f'[stacking]\nenabled = {str(args.stacking != "off").lower()}\n'
-              f'model = "{args.stacking if args.stacking != "off" else "ridge"}"\n'
-              f'[smoothing]\nenabled = {str(args.smoothing == "on").lower()}\n')
-    result: dict = {"config": vars(args), "datasets": {}}
+    result: dict = {"variants": args.variants, "datasets": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg_path = Path(tmp) / "bench.toml"
-        cfg_path.write_text(config)
         for ds in args.datasets:
-            h5, truth = DATASETS[ds]
-            t0 = time.perf_counter()
-            m = run_pipeline([str(DATA / h5)], Path(tmp) / ds, config_path=str(cfg_path), truth=str(DATA / truth),
-                             seed=args.seed, progress=False)
-            rows = {}
-            for name, s in m["methods"].items():
-                t = m["test"][name]["overall"]
-                rows[name] = {"cv_spot_spearman": s["cv_spot_spearman"], "cv_target_pearson": s["cv_target_pearson_mean"],
-                              "test_spot_spearman": t["spot_spearman"], "test_target_pearson": t["target_pearson_mean"]}
-            base = max(rows["mean"]["test_spot_spearman"], rows["colour-ridge"]["test_spot_spearman"])
-            best = m["selected"]
-            margins = _margins(Path(tmp) / ds, DATA / truth, m, best)
-            result["datasets"][ds] = {"methods": rows, "selected_by_cv": best, "seconds": time.perf_counter() - t0,
-                                      "selected_minus_best_baseline_test": rows[best]["test_spot_spearman"] - base,
-                                      "selected_vs_baselines": margins}
-            print(f"\n{ds}: folds {m['folds']}, test slide(s) scored with {truth}; selected by CV: {best}")
-            print(f"{'method':<20}{'CV spot-Spearman':>18}{'CV target-Pearson':>19}{'test spot-Spearman':>20}"
-                  f"{'test target-Pearson':>21}")
-            for name, r in rows.items():
-                mark = " (baseline)" if name in ("mean", "colour-ridge") else (" <- selected" if name == best else "")
-                print(f"{name:<20}{_f(r['cv_spot_spearman']):>18}{_f(r['cv_target_pearson']):>19}"
-                      f"{_f(r['test_spot_spearman']):>20}{_f(r['test_target_pearson']):>21}{mark}")
-            for b, mg in margins.items():
-                print(f"{best} minus {b}: test {mg['test_diff']:+.4f} (paired standard error over test spots "
-                      f"{mg['test_diff_se']:.4f}); better on {mg['cv_folds_better']} of {mg['cv_folds']} CV slides")
+            result["datasets"][ds] = run_dataset(ds, args.variants, Path(tmp) / ds, args.seed)
     print(json.dumps(result))
     return 0
 
 
-def _margins(run: Path, truth_csv: Path, m: dict, best: str) -> dict:
-    """The selected method against each baseline: the test difference in mean per-spot Spearman with its paired
-    standard error over the test spots (one slide is a small sample), and on how many CV slides it scores higher."""
-    import numpy as np
+def run_dataset(ds: str, variants: list[str], work: Path, seed: int) -> dict:
+    from hevisum.config import load_run_config, merge
+    from hevisum.cv import make_folds
+    from hevisum.io import read_inputs
+    from hevisum.methods import baseline_names
+    from hevisum.pipeline import preprocess_stage, targets_stage
+
+    spec = DATASETS[ds]
+    t0 = time.perf_counter()
+    slides = read_inputs([str(DATA / p) for p in spec["inputs"]], progress=False, **spec["reader"])
+    base_over = {"seed": seed}
+    # one preprocessing pass with every tile cache the variants need
+    all_cfg = load_run_config(overrides=merge(base_over, {"features": {"context": ["wide"], "tiles": "tissue"}}))
+    prep = preprocess_stage(slides, all_cfg, work / "prep", ["encoder-ridge"], progress=False)
+    has_um = any(s.um_per_px for s in slides)
+    del slides
+    targets = targets_stage(prep, all_cfg)
+    folds = make_folds(prep.spots, seed=seed)
+    truth = _truth(prep, spec, folds)
+    print(f"\n{ds}: {len(prep.spots)} spots, folds {folds.slide_ids}, test spots {len(folds.test_rows)}; "
+          f"um/px {'known' if has_um else 'unknown'}; preprocessing {time.perf_counter() - t0:.0f} s")
+    rows: dict = {}
+    per_spot: dict = {}
+    for name in baseline_names():
+        rows[name], per_spot[name] = evaluate(name, name, {}, prep, targets, folds, truth, seed, base_over)
+    for v in variants:
+        if v == "tissue" and not has_um:
+            print(f"  {v}: skipped (no microns per pixel in this input; tiles would be the spot tiles)")
+            continue
+        method, over = VARIANTS[v]
+        rows[v], per_spot[v] = evaluate(v, method, over, prep, targets, folds, truth, seed, base_over)
+    ref = "colour-ridge"
+    for name in rows:
+        rows[name]["vs_colour_ridge"] = paired(per_spot[name], per_spot[ref])
+        rows[name]["vs_mean"] = paired(per_spot[name], per_spot["mean"])
+        rows[name]["folds_won_vs_colour_ridge"] = _won(rows[name], rows[ref])
+    print(f"{'variant':<14}{'CV spot-S':>10}{'CV tgt-P':>10}{'test spot-S':>12}{'test tgt-P':>11}"
+          f"{'CV - colour-ridge':>20}{'test - colour-ridge':>21}{'folds won':>10}{'s':>6}")
+    for name, r in rows.items():
+        vc = r["vs_colour_ridge"]
+        print(f"{name:<14}{_f(r['cv_spot_spearman']):>10}{_f(r['cv_target_pearson']):>10}"
+              f"{_f(r.get('test_spot_spearman')):>12}{_f(r.get('test_target_pearson')):>11}"
+              f"{_pm(vc['cv_diff'], vc['cv_se']):>20}{_pm(vc.get('test_diff'), vc.get('test_se')):>21}"
+              f"{r['folds_won_vs_colour_ridge']:>10}{r['seconds']:>6.0f}")
+    return {"rows": rows, "folds": folds.slide_ids, "n_train": int(len(folds.train_rows)),
+            "n_test": int(len(folds.test_rows)), "seconds": time.perf_counter() - t0}
+
+
+def evaluate(label, method, over, prep, targets, folds, truth, seed, base_over):
+    """CV (and test) of one method under one config variant, predictions smoothed as in `hevisum run`."""
+    from hevisum.config import load_run_config, merge
+    from hevisum.cv import cross_validate_method, summarise
+    from hevisum.methods import FitContext, get_method
+    from hevisum.metrics import per_spot_spearman, per_target_pearson
+    from hevisum.pipeline import feature_store
+    from hevisum.postprocess import smooth_rows
+
+    t0 = time.perf_counter()
+    cfg = load_run_config(overrides=merge(base_over, over))
+    store = feature_store(prep, cfg, "cpu", False)
+    X = store.for_method(get_method(method)(cfg))
+    ctx = FitContext(cfg=cfg, tiles=prep.tiles, Y_fit=targets.fit, Y_raw=targets.raw, seed=seed)
+    res = cross_validate_method(method, folds, targets.fit, cfg, ctx, features=X)
+    oof = smooth_rows(res.oof, folds.train_rows, prep.spots, cfg)
+    Yr = targets.raw[folds.train_rows]
+    s = summarise(label, oof, Yr, folds.slides, targets.names)
+    row = {"method": method, "cv_spot_spearman": s["cv_spot_spearman"], "cv_target_pearson": s["cv_target_pearson_mean"],
+           "cv_folds": s["cv_fold_spot_spearman"]}
+    spots = {"cv": per_spot_spearman(oof, Yr)}
+    if truth is not None and len(folds.test_rows):
+        test = smooth_rows(res.test_ensemble, folds.test_rows, prep.spots, cfg)
+        row["test_spot_spearman"] = float(np.nanmean(per_spot_spearman(test, truth)))
+        row["test_target_pearson"] = float(np.nanmean(per_target_pearson(test, truth)))
+        spots["test"] = per_spot_spearman(test, truth)
+    row["seconds"] = time.perf_counter() - t0
+    return row, spots
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Mean per-spot difference a - b and its paired standard error, CV and test."""
+    out = {}
+    for k in ("cv", "test"):
+        if k in a and k in b:
+            d = a[k] - b[k]
+            d = d[np.isfinite(d)]
+            out[f"{k}_diff"] = float(d.mean())
+            out[f"{k}_se"] = float(d.std(ddof=1) / np.sqrt(len(d)))
+    return out
+
+
+def _truth(prep, spec, folds):
+    """The test slides' raw targets, in the order of folds.test_rows (None without a test truth)."""
     import pandas as pd
 
-    from hevisum.metrics import per_spot_spearman
-
-    truth = pd.read_csv(truth_csv)
-    targets = [c for c in truth.columns if c not in ("slide", "ID")]
-
-    def spots(name: str) -> np.ndarray:
-        pred = pd.read_csv(run / f"test_{name}.csv")
-        both = truth[["slide", "ID"]].astype(str).merge(pred.astype({"slide": str, "ID": str}), on=["slide", "ID"])
-        return per_spot_spearman(both[targets].to_numpy(float), truth[targets].to_numpy(float))
-
-    ours, out = spots(best), {}
-    folds = m["methods"][best]["cv_fold_spot_spearman"]
-    for b in ("mean", "colour-ridge"):
-        d = ours - spots(b)
-        d = d[np.isfinite(d)]
-        base_folds = m["methods"][b]["cv_fold_spot_spearman"]
-        out[b] = {"test_diff": float(d.mean()), "test_diff_se": float(d.std(ddof=1) / np.sqrt(len(d))),
-                  "cv_folds_better": int(sum(folds[k] > base_folds[k] for k in folds)), "cv_folds": len(folds)}
-    return out
+    if not len(folds.test_rows):
+        return None
+    path = DATA / spec["truth"] if spec["truth"] else prep.workdir / "test_truth.csv"
+    if not Path(path).is_file():
+        return None
+    t = pd.read_csv(path)
+    t["slide"], t["ID"] = t["slide"].astype(str), t["ID"].astype(str)
+    sp = prep.spots.iloc[folds.test_rows]
+    keys = list(zip(sp["slide"].astype(str), sp["spot_id"].astype(str)))
+    cols = [f"C{i + 1}" for i in range(len(prep.target_names))]
+    return t.set_index(["slide", "ID"]).loc[keys, cols].to_numpy(np.float64)
 
 
 def _f(v) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+def _pm(d, se) -> str:
+    return "-" if d is None else f"{d:+.4f}±{se:.4f}"
+
+
+def _won(row: dict, ref: dict) -> str:
+    a, b = row["cv_folds"], ref["cv_folds"]
+    return f"{sum(a[k] > b[k] for k in a)}/{len(a)}"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hevisum.config import RunConfig, dumps_toml, load_run_config
+from hevisum.config import RunConfig, dumps_toml, from_dict, load_run_config
 from hevisum.errors import HevisumError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
@@ -53,7 +53,6 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("text,words", [
     ("[train]\nepocs = 3\n", "train.epocs"),
-    ("[models]\nmethods = ['nope']\n", "nope"),
     ("[train]\nepochs = 'x'\n", "train.epochs"),
     ("profile = 'slow'\n", "slow"),
     ("[tiles]\nsize = 80\n", "multiple of 3"),
@@ -63,3 +62,12 @@ def test_bad_config_names_the_key(tmp_path, text, words):
     p.write_text(text)
     with pytest.raises(HevisumError, match=words.replace(".", r"\.")):
         load_run_config(p)
+
+
+def test_an_unknown_method_is_refused_before_any_work_naming_the_valid_ones():
+    from hevisum.pipeline import resolve_methods
+
+    cfg = from_dict(RunConfig, {"models": {"methods": ["nope"]}})
+    with pytest.raises(HevisumError, match="nope.*encoder-ridge"):
+        resolve_methods(cfg)
+    assert resolve_methods(RunConfig())[:2] == ["mean", "colour-ridge"]  # baselines always run

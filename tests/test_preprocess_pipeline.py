@@ -14,7 +14,7 @@ from hevisum.errors import HevisumError
 from hevisum.preprocess.pipeline import load_prepared, preprocess
 from hevisum.preprocess.stain import StainTarget, fit_macenko
 
-QC_KEYS = {"shift_px", "pitch_px", "n_spots", "n_valid", "tissue_fraction"}
+QC_KEYS = {"shift_px", "pitch_px", "n_spots", "n_valid", "tissue_fraction", "realign"}
 FILES = ["config.toml", "spots.csv", "tiles.npy", "targets.npy", "ranks.npy", "target_names.json", "stain.json",
          "dropped_spots.csv", "test_truth.csv", "qc.json", "qc/overview.png"]
 
@@ -197,9 +197,11 @@ def test_unknown_manual_slide_fails_before_writing(small_slides, tmp_path):
 
 
 def test_failure_midway_leaves_nothing_and_keeps_the_old_folder(small_slides, tmp_path, monkeypatch):
+    from hevisum.io.atomic import atomic_dir
+
     out = tmp_path / "w"
-    out.mkdir()
-    (out / "old.txt").write_text("previous run")
+    with atomic_dir(out, kind="prep") as t:  # a work folder an earlier preprocess finished
+        (t / "old.txt").write_text("previous run")
     import hevisum.preprocess.pipeline as pipeline
 
     def disk_full(*args, **kwargs):  # the disk fills up while the tables are written
@@ -209,7 +211,8 @@ def test_failure_midway_leaves_nothing_and_keeps_the_old_folder(small_slides, tm
     with pytest.raises(OSError):
         pipeline.preprocess(small_slides[:2], PreprocessConfig(), out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".hevisum-run.json", "old.txt"]
+    assert (out / "old.txt").read_text() == "previous run"
 
 
 def test_stain_fitted_on_training_slides_only(small_slides, tmp_path):

@@ -201,3 +201,83 @@ def test_coarse_to_fine_search_for_big_slides(monkeypatch):
     coarse = np.array(estimate_shift(m, xy + d, pitch, 1.5 * pitch))
     assert np.hypot(*(coarse + d)) < 0.1 * pitch
     assert np.hypot(*(coarse - full)) < 0.05 * pitch
+
+
+# ------------------------------------------------------------------ the decision to apply a shift
+
+
+def test_realign_keeps_an_aligned_grid_and_applies_a_clear_shift():
+    from hevisum.preprocess.spots import MIN_MARGIN, realign
+
+    pitch = 26.0
+    m = blob((420, 480), 2)
+    xy = spots_on(m, pitch)
+    r0 = realign(m, xy, pitch, 1.5 * pitch)
+    assert r0.shift == (0.0, 0.0) and not r0.applied and r0.margin < MIN_MARGIN
+    d = np.array([17.0, -11.0])
+    r1 = realign(m, xy + d, pitch, 1.5 * pitch)
+    assert r1.applied and r1.margin >= MIN_MARGIN and r1.score_after > r1.score_before
+    assert np.hypot(*(np.array(r1.shift) + d)) < 0.1 * pitch
+    assert r1.shift == r1.proposed
+    # the same proposal below a (higher) required margin is recorded but not applied
+    r2 = realign(m, xy + d, pitch, 1.5 * pitch, min_margin=r1.margin + 0.01)
+    assert r2.shift == (0.0, 0.0) and r2.proposed == r1.proposed and not r2.applied
+    rec = r1.as_dict()
+    assert set(rec) == {"method", "applied", "proposed_px", "score_before", "score_after", "margin", "min_margin",
+                        "n_edge", "n_imprints"} and rec["method"] == "lattice" and rec["n_imprints"] == 0
+
+
+def test_array_imprints_on_the_glass_pin_the_grid_down():
+    """Faint spot imprints around the tissue fix the residual error the tissue outline leaves; an image without
+    them (or with noise only) is left to the tissue search."""
+    from hevisum.preprocess.spots import imprint_offset, realign
+
+    pitch = 30.0
+    shape = (600, 640)
+    m = blob(shape, 4)
+    grid = hex_grid(shape, pitch)
+    xy = grid[m[np.rint(grid[:, 1]).astype(int), np.rint(grid[:, 0]).astype(int)]]
+    rng = np.random.default_rng(0)
+    glass = np.full(shape, 235.0) + rng.normal(0, 1.0, shape)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    for x, y in grid:  # every printed spot darkens the glass a little (radius 0.28 pitch)
+        r0, r1, c0, c1 = int(y) - 12, int(y) + 13, int(x) - 12, int(x) + 13
+        sub = (slice(max(r0, 0), r1), slice(max(c0, 0), c1))
+        glass[sub] -= 3.0 * (np.hypot(yy[sub] - y, xx[sub] - x) <= 0.28 * pitch)
+    image = np.repeat(np.where(m, 120.0, glass)[:, :, None], 3, axis=2).clip(0, 255).astype(np.uint8)
+    off = lattice_offsets(xy, pitch)
+    for err in ([6.0, -4.0], [-8.0, 3.0]):  # a grid placed a little off: the imprints say by how much
+        (dx, dy), n = imprint_offset(image, m, xy + err, pitch, off)
+        assert n >= 8 and np.hypot(dx + err[0], dy + err[1]) < 1.5, (err, dx, dy, n)
+    noise = np.repeat(np.where(m, 120.0, 235.0 + rng.normal(0, 1.0, shape))[:, :, None], 3, axis=2).astype(np.uint8)
+    assert imprint_offset(noise, m, xy + [6.0, -4.0], pitch, off) is None
+    d = np.array([21.0, -13.0])
+    r = realign(m, xy + d, pitch, 1.5 * pitch, image=image)
+    assert r.applied and r.n_imprints >= 8 and np.hypot(*(np.array(r.shift) + d)) < 0.05 * pitch
+    assert realign(m, xy, pitch, 1.5 * pitch, image=image).shift == (0.0, 0.0)
+
+
+@pytest.mark.shared
+def test_her2st_realignment_keeps_published_grids_and_undoes_a_known_move(shared_data, tmp_path):
+    """her2st.h5 as published: qc.json shows shift 0 for every slide. With C3's spots moved by (+30, -20) px,
+    C3 comes back by (-30, +20) within 10 % of the pitch and the other slides stay at 0."""
+    import dataclasses
+
+    from hevisum.config import StainConfig, TilesConfig
+    from hevisum.io.competition import read_competition_h5
+    from hevisum.preprocess.pipeline import preprocess
+
+    slides = read_competition_h5(shared_data / "challenge" / "her2st.h5")
+    cfg = dataclasses.replace(CFG, stain=StainConfig(method="none"), tiles=TilesConfig(size=9))
+    qc = preprocess(slides, cfg, tmp_path / "published", progress=False).qc
+    assert {sid: q["shift_px"] for sid, q in qc.items()} == {s.slide_id: [0.0, 0.0] for s in slides}
+    assert not any(q["realign"]["applied"] for q in qc.values())
+
+    move = np.array([30.0, -20.0])
+    moved = [s.with_spots(s.spots.assign(x=s.spots["x"] + move[0], y=s.spots["y"] + move[1]), s.targets)
+             if s.slide_id == "C3" else s for s in slides]
+    qc = preprocess(moved, cfg, tmp_path / "moved", progress=False).qc
+    c3 = qc["C3"]
+    err = np.hypot(*(np.array(c3["shift_px"]) + move))
+    assert c3["realign"]["applied"] and err < 0.1 * c3["pitch_px"], (c3, err / c3["pitch_px"])
+    assert all(q["shift_px"] == [0.0, 0.0] for sid, q in qc.items() if sid != "C3")

@@ -15,7 +15,7 @@ from hevisum.demo import DemoSpec, write_demo
 TINY_CONFIG = """
 seed = 3
 [models]
-methods = ["effnet-ridge", "hevisum-cnn"]
+methods = ["encoder-ridge", "hevisum-cnn"]
 [train]
 epochs = 2
 batch_size = 16
@@ -51,9 +51,9 @@ def test_run_writes_a_complete_self_describing_folder(tiny_run):
                  "predictions.h5ad", "report.html", "prep/qc.json", "models/stacking/model.safetensors"):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"mean", "colour-ridge", "effnet-ridge", "hevisum-cnn", "stacking"}
+    assert set(metrics["methods"]) == {"mean", "colour-ridge", "encoder-ridge", "hevisum-cnn", "stacking"}
     assert metrics["folds"] == ["S_1", "S_2", "S_3"]
-    for m in ("effnet-ridge", "hevisum-cnn"):
+    for m in ("encoder-ridge", "hevisum-cnn"):
         assert len(list((out / "models" / m).glob("fold_*/model.safetensors"))) == 3
     # The tile model logs every epoch of every fold.
     log = pd.read_csv(next((out / "models" / "hevisum-cnn").glob("fold_*/log.csv")))
@@ -177,8 +177,8 @@ def test_a_truth_file_in_the_submission_layout_without_a_slide_column_scores_the
     bare = tmp_path / "truth_ids_only.csv"
     truth.to_csv(bare, index=False)
     cfg = tmp_path / "ridge.toml"
-    cfg.write_text('[models]\nmethods = ["effnet-ridge"]\n')
+    cfg.write_text('[models]\nmethods = ["encoder-ridge"]\n')
     out = tmp_path / "out"
     cli("run", str(tiny_run["h5"]), "--out", str(out), "--config", str(cfg), "--truth", str(bare), "--quiet")
-    overall = json.loads((out / "metrics.json").read_text())["test"]["effnet-ridge"]["overall"]
+    overall = json.loads((out / "metrics.json").read_text())["test"]["encoder-ridge"]["overall"]
     assert np.isfinite(overall["spot_spearman"]) and 0 <= overall["mse_fit_space"] < 0.2

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from hevisum.errors import HevisumError
@@ -53,19 +56,43 @@ def _reader_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true",
+                   help=f"replace {what} even when hevisum did not write it (never an input, the current or the "
+                   "home folder); see docs/reliability.md")
+
+
+def _written_by_hevisum(path: Path) -> bool:
+    """An HDF5 / .h5ad file that `hevisum convert` wrote (so replacing it loses nothing of the user's)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f.attrs.get("written_by", "")).startswith("hevisum") or "uns/hevisum" in f
+    except Exception:  # not HDF5, unreadable: not ours
+        return False
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    from hevisum import __version__
     from hevisum.io import read_inputs
+    from hevisum.io.atomic import atomic_path, check_output_file
     from hevisum.io.competition import write_competition_h5
 
     out = Path(args.out)
+    check_output_file(out, force=args.force, protect=args.inputs, ours=_written_by_hevisum)
+    slides = read_inputs(args.inputs, **_reader_kwargs(args))
     if out.suffix.lower() == ".h5ad":
         from hevisum.io.anndata_io import write_h5ad
 
-        slides = read_inputs(args.inputs, **_reader_kwargs(args))
-        write_h5ad(slides, out)
+        write_h5ad(slides, out)  # marked as ours by its uns/hevisum
     else:
-        slides = read_inputs(args.inputs, **_reader_kwargs(args))
-        write_competition_h5(slides, out)
+        import h5py
+
+        with atomic_path(out) as tmp:
+            write_competition_h5(slides, tmp)
+            with h5py.File(tmp, "a") as f:
+                f.attrs["written_by"] = f"hevisum {__version__}"
     n_train = sum(s.split == "train" for s in slides)
     print(f"wrote {out}: {len(slides)} slide(s), {n_train} Train, {len(slides) - n_train} Test, "
           f"{sum(s.n_spots for s in slides)} spots")
@@ -86,10 +113,19 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     import dataclasses
+    import inspect
 
     from hevisum.config import load_run_config
     from hevisum.io import read_inputs
+    from hevisum.io.atomic import check_output
     from hevisum.preprocess.pipeline import preprocess
+
+    # Checked before any work (preprocess() checks again when it starts writing). A preprocess() that takes
+    # force/protect marks its folders "prep"; an older one marked them "run".
+    protect = [args.input, args.config]
+    takes = inspect.signature(preprocess).parameters
+    safety = {k: v for k, v in (("force", args.force), ("protect", protect)) if k in takes}
+    check_output(args.out, force=args.force, protect=protect, kind="prep" if "force" in takes else "run")
 
     # The same config file serves `hevisum run` and `hevisum preprocess`; only its preprocessing sections apply.
     cfg = load_run_config(args.config).preprocess_config()
@@ -97,15 +133,34 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, tiles=dataclasses.replace(cfg.tiles, size=args.tile_size))
         cfg.tiles.check()
     slides = read_inputs([args.input], **_reader_kwargs(args))
-    prepared = preprocess(slides, cfg, Path(args.out), progress=not args.quiet)
+    prepared = preprocess(slides, cfg, Path(args.out), progress=not args.quiet, **safety)
     print(f"wrote {args.out}: {prepared.summary()}")
     return 0
 
 
+def _run_overrides(args: argparse.Namespace) -> dict:
+    """Config keys set by flags (they override the config file)."""
+    over: dict = {}
+    if args.encoder:
+        over.setdefault("encoder", {})["name"] = args.encoder
+    if args.encoder_weights:
+        over.setdefault("encoder", {})["weights"] = str(Path(args.encoder_weights).resolve())
+    if args.methods:
+        over.setdefault("models", {})["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.context is not None:
+        over.setdefault("features", {})["context"] = [c.strip() for c in args.context.split(",") if c.strip()]
+    if args.tiles:
+        over.setdefault("features", {})["tiles"] = args.tiles
+    return over
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from hevisum.io.atomic import check_output
     from hevisum.pipeline import run_pipeline
 
+    check_output(args.out, force=args.force, protect=[args.input, args.config, args.truth], kind="run")
     run_pipeline(
+        overrides=_run_overrides(args),
         inputs=[args.input] if args.input else None,
         out=Path(args.out),
         config_path=args.config,
@@ -115,15 +170,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         reader_kwargs=_reader_kwargs(args),
         device=args.device,
         progress=not args.quiet,
+        force=args.force,
+        resume=args.resume,
     )
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from hevisum.methods import baseline_names, get_method, method_names
+
+    for name in method_names(include_stackers=True):
+        cls = get_method(name)
+        kind = "baseline" if name in baseline_names() else ("stacker" if cls.stacker else
+                                                            ("tiles" if cls.uses_tiles else "features"))
+        print(f"{name:18s} {kind:9s} {cls.summary}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    from hevisum.io.atomic import check_output
     from hevisum.predict import predict_from_run
 
+    check_output(args.out, force=args.force, protect=[args.run_dir, args.input], kind="predict")
     predict_from_run(Path(args.run_dir), args.input, Path(args.out), reader_kwargs=_reader_kwargs(args),
-                     progress=not args.quiet)
+                     progress=not args.quiet, force=args.force)
     return 0
 
 
@@ -134,6 +204,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_files(args.pred, args.truth)
     print(json.dumps(result, indent=2 if args.pretty else None))
+    return 0
+
+
+def cmd_encoders(args: argparse.Namespace) -> int:
+    import json
+
+    from hevisum.encoders.registry import format_presets_table, list_presets
+
+    if args.json:
+        print(json.dumps([preset.as_dict() for preset in list_presets()], indent=2))
+    else:
+        print(format_presets_table())
     return 0
 
 
@@ -155,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"Inputs: {INPUT_HELP}.")
     c.add_argument("inputs", nargs="+", metavar="INPUT", help="input file(s) or folder(s)")
     c.add_argument("out", metavar="OUT", help="output .h5 (competition layout) or .h5ad")
+    _add_force(c, "an existing OUT file")
     _add_reader_options(c)
     c.set_defaults(func=cmd_convert)
 
@@ -179,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--config", default=None, metavar="FILE", help="TOML config (see docs/config.md)")
     pp.add_argument("--tile-size", type=int, default=None, help="model input side in px (default 78)")
     pp.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_force(pp, "an existing WORKDIR")
     _add_reader_options(pp)
     pp.set_defaults(func=cmd_preprocess)
 
@@ -196,6 +280,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truth for the Test slides (slide, ID, C1..Cn) to add the test evaluation")
     r.add_argument("--seed", type=int, default=None, help="random seed (default from config, 0)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    _add_force(r, "an existing DIR")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from DIR.partial, reusing its finished work")
+    g = r.add_argument_group("models and encoders")
+    g.add_argument("--methods", default=None, metavar="M1,M2",
+                   help="methods to cross-validate beside the baselines (default encoder-ridge,encoder-mlp; "
+                   "'hevisum methods' lists them)")
+    g.add_argument("--encoder", default=None, metavar="NAME",
+                   help="frozen encoder preset for the encoder-* methods (default effnet-lite0, built in; "
+                   "'hevisum encoders' lists the presets)")
+    g.add_argument("--encoder-weights", default=None, metavar="PATH",
+                   help="the encoder's weight file (.safetensors, or a torch state dict), downloaded by you; "
+                   "required for every preset but effnet-lite0. Nothing is ever downloaded")
+    g.add_argument("--tiles", default=None, choices=["spot", "tissue"],
+                   help="what the encoder sees: spot (tiles.scale x pitch, default) or tissue (its own field of "
+                   "view at its own microns per pixel, when the input knows microns per pixel)")
+    g.add_argument("--context", default=None, metavar="C1,C2",
+                   help="spatial context for the encoder heads: ring1, ring2 (neighbour means), slide (slide "
+                   "mean), wide (a wider field of view); empty string for none")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_reader_options(r)
     r.set_defaults(func=cmd_run)
@@ -207,8 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("input", metavar="INPUT", help=INPUT_HELP)
     pr.add_argument("--out", required=True, metavar="DIR")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_force(pr, "an existing DIR")
     _add_reader_options(pr)
     pr.set_defaults(func=cmd_predict)
+
+    mt = sub.add_parser("methods", help="list the registered methods",
+                        description="Every method 'hevisum run' can cross-validate, with its kind: baseline "
+                        "(always reported), features (a head on cached per-tile features), tiles (a network "
+                        "trained on the tiles), stacker.")
+    mt.set_defaults(func=cmd_methods)
+
+    en = sub.add_parser("encoders", help="list the image encoder presets (architecture, input, licence, weights)",
+                        description="Every encoder preset: architecture, parameters, input size and resolution, "
+                        "normalisation, pooling and feature length, licence and the weight file to download from "
+                        "its publisher (hevisum never downloads weights; pass the file with --encoder-weights). "
+                        "See docs/encoders.md.")
+    en.add_argument("--json", action="store_true", help="print the presets as JSON")
+    en.set_defaults(func=cmd_encoders)
 
     e = sub.add_parser("evaluate", help="score predictions against truth (per-spot Spearman etc.)",
                        description="Both CSVs have columns slide, ID, C1..Cn (or named targets). Prints JSON with "
@@ -227,14 +345,51 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return run_command(lambda: args.func(args))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (or SIGINT) received: handled like Ctrl-C, so clean-up code runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """Within: SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` (signals ignored by the caller, e.g. SIGHUP
+    under nohup, stay ignored). Only in the main thread, where Python delivers signals."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, _raise_interrupted)
     try:
-        return int(args.func(args) or 0)
-    except HevisumError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_command(func) -> int:
+    """Run one command: its exit code; a HevisumError is one line and 2; a signal n is one line and 128+n."""
+    with signals_as_interrupts():
+        try:
+            return int(func() or 0)
+        except HevisumError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt as e:
+            signum = int(getattr(e, "signum", signal.SIGINT))
+            notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
+            print(f"interrupted ({signal.Signals(signum).name}){notes}", file=sys.stderr)
+            return 128 + signum
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ key and lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -26,9 +27,10 @@ class StainConfig:
 
     def check(self) -> None:
         _choice("stain.method", self.method, ("macenko", "reinhard", "none"))
-        _positive("stain.n_patches", self.n_patches)
-        _positive("stain.patch_size", self.patch_size)
+        _in_range("stain.n_patches", self.n_patches, 1, 10_000)
+        _in_range("stain.patch_size", self.patch_size, 8, 4096, unit=" px")
         _fraction("stain.min_tissue", self.min_tissue)
+        _seed("stain.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,8 @@ class TissueConfig:
     def check(self) -> None:
         _choice("tissue.background", self.background, ("auto", "white", "black"))
         _choice("tissue.fill", self.fill, ("white", "black"))
-        if self.blur_sigma < 0:
-            raise HevisumError(f"tissue.blur_sigma must be >= 0, got {self.blur_sigma}")
-        if self.max_side < 64:
-            raise HevisumError(f"tissue.max_side must be >= 64 px, got {self.max_side}")
+        _in_range("tissue.blur_sigma", self.blur_sigma, 0, 500, unit=" px")
+        _in_range("tissue.max_side", self.max_side, 64, 65_536, unit=" px")
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,16 @@ class RealignConfig:
     manual: dict = field(default_factory=dict)  # {slide_id: [dx, dy]} overrides the estimate
 
     def check(self) -> None:
-        if self.max_shift_pitches < 0:
-            raise HevisumError(f"realign.max_shift_pitches must be >= 0, got {self.max_shift_pitches}")
+        _in_range("realign.max_shift_pitches", self.max_shift_pitches, 0, 10, unit=" pitches")
         _fraction("realign.min_gain", self.min_gain)
-        if self.blur_pitches < 0:
-            raise HevisumError(f"realign.blur_pitches must be >= 0, got {self.blur_pitches}")
+        _in_range("realign.blur_pitches", self.blur_pitches, 0, 5, unit=" pitches")
         for k, v in self.manual.items():
             ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(
-                isinstance(a, (int, float)) and not isinstance(a, bool) for a in v)
+                isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and abs(a) <= 1e6
+                for a in v)
             if not ok:
-                raise HevisumError(f"realign.manual.{k} must be [dx, dy] in pixels, got {v!r}")
+                raise HevisumError(f"realign.manual.{_key(str(k))} must be [dx, dy], two finite numbers of pixels, "
+                                   f"got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class SpotsConfig:
     min_tissue: float = 0.0  # a spot is invalid when its window's tissue fraction is <= this
 
     def check(self) -> None:
-        _positive("spots.window_pitches", self.window_pitches)
+        _in_range("spots.window_pitches", self.window_pitches, 0, 20, lo_open=True, unit=" pitches")
         _fraction("spots.min_tissue", self.min_tissue, allow_zero=True)
 
 
@@ -88,8 +88,7 @@ class TargetsConfig:
     tie_tol: float = 0.0
 
     def check(self) -> None:
-        if self.tie_tol < 0:
-            raise HevisumError(f"targets.tie_tol must be >= 0, got {self.tie_tol}")
+        _in_range("targets.tie_tol", self.tie_tol, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -99,11 +98,10 @@ class TilesConfig:
     pitch_px: float = 0.0  # 0 = measure per slide
 
     def check(self) -> None:
-        _positive("tiles.scale", self.scale)
-        if self.size < 9 or self.size % 3:
-            raise HevisumError(f"tiles.size must be a multiple of 3 and >= 9 (3x3 subtiles), got {self.size}")
-        if self.pitch_px < 0:
-            raise HevisumError(f"tiles.pitch_px must be >= 0 (0 = measure), got {self.pitch_px}")
+        _in_range("tiles.scale", self.scale, 0, 50, lo_open=True, unit=" pitches")
+        if not 9 <= self.size <= 1023 or self.size % 3:
+            raise HevisumError(f"tiles.size must be a multiple of 3 in 9..1023 px (3x3 subtiles), got {self.size}")
+        _in_range("tiles.pitch_px", self.pitch_px, 0, 100_000, unit=" px (0 = measure)")
 
 
 @dataclass(frozen=True)
@@ -124,15 +122,31 @@ def _choice(key: str, value: Any, valid: tuple) -> None:
         raise HevisumError(f"{key} = {value!r} is not valid; choose one of {list(valid)}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise HevisumError(f"{key} must be > 0, got {value}")
+    if not (_is_number(value) and value > 0):
+        raise HevisumError(f"{key} must be a finite number > 0, got {value!r}")
 
 
 def _fraction(key: str, value: float, allow_zero: bool = True) -> None:
-    lo_ok = value >= 0 if allow_zero else value > 0
+    lo_ok = _is_number(value) and (value >= 0 if allow_zero else value > 0)
     if not (lo_ok and value <= 1):
-        raise HevisumError(f"{key} must be in [0, 1], got {value}")
+        raise HevisumError(f"{key} must be in {'[' if allow_zero else '('}0, 1], got {value!r}")
+
+
+def _in_range(key: str, value: float, lo: float, hi: float, lo_open: bool = False, unit: str = "") -> None:
+    """``lo <= value <= hi`` (``lo < value`` with ``lo_open``), a finite number (NaN and infinities fail)."""
+    ok = _is_number(value) and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        raise HevisumError(f"{key} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]{unit}, got {value!r}")
+
+
+def _seed(key: str, value: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63):
+        raise HevisumError(f"{key} must be an integer in 0..2**63-1, got {value!r}")
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -173,6 +187,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise HevisumError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise HevisumError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
@@ -268,11 +284,6 @@ def dump_config(obj: Any, path: str | Path) -> None:
 
 # ---------------------------------------------------------------- training and the main job
 
-FEATURE_METHODS = ("mean", "colour-ridge", "effnet-ridge", "effnet-colour-ridge", "effnet-stages-ridge", "effnet-mlp")
-TILE_METHODS = ("hevisum-cnn", "effnet-finetune")
-METHODS = FEATURE_METHODS + TILE_METHODS
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Training of the tile models (hevisum-cnn, effnet-finetune) and of the feature heads."""
@@ -288,14 +299,18 @@ class TrainConfig:
     augment: bool = False  # random flips and 90-degree rotations of training tiles
     tta: bool = False  # average predictions over the 8 flips/rotations
     coords: bool = False  # spot (x, y), scaled per slide, as an extra input to the heads
-    precision: str = "auto"  # auto (bf16 on CPU, fp16 on CUDA) | bf16 | fp16 | fp32
+    # auto: bfloat16 on CPUs and on GPUs that support it, else float16 | bf16 | fp16 | fp32. Frozen-encoder
+    # features use bfloat16 only when this resolves to bf16; fp16 and fp32 compute them in float32 on a CPU
+    precision: str = "auto"
     num_workers: int = 2
     max_spots_per_epoch: int = 0  # 0 = all; else a random subset per epoch (quick runs)
 
     def check(self) -> None:
         _positive("train.epochs", self.epochs)
         _positive("train.batch_size", self.batch_size)
-        _positive("train.lr", self.lr)
+        _in_range("train.lr", self.lr, 0, 10, lo_open=True)
+        _in_range("train.weight_decay", self.weight_decay, 0, 10)
+        _in_range("train.min_lr", self.min_lr, 0, 10)
         _choice("train.loss", self.loss, ("hybrid", "mse", "spearman", "mse+spearman"))
         _choice("train.target", self.target, ("rank", "raw"))
         _choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
@@ -305,22 +320,58 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    """Which methods run in cross-validation; baselines are always added."""
+    """Which methods run in cross-validation (names from ``hevisum methods``); baselines are always added."""
 
-    methods: list = field(default_factory=lambda: ["effnet-ridge", "effnet-colour-ridge", "effnet-stages-ridge",
-                                                   "effnet-mlp"])
-    encoder_input: int = 112  # side (px) the frozen encoder sees; tiles are resized to it
+    methods: list = field(default_factory=list)  # [] = the profile's methods ('hevisum methods' shows them)
     ridge_alpha: float = 0.0  # 0 = choose by internal cross-validation
     # slide: standardise features within each slide (label-free; removes slide-wide colour and stain offsets);
-    # global: standardise with the training rows' statistics only
+    # global: leave them as they are (every head standardises with its training rows' statistics only)
     feature_norm: str = "slide"
 
     def check(self) -> None:
-        for m in self.methods:
-            _choice("models.methods[]", m, METHODS)
+        if not all(isinstance(m, str) and m for m in self.methods):
+            raise HevisumError(f"models.methods must be a list of method names, got {self.methods!r}")
         _choice("models.feature_norm", self.feature_norm, ("slide", "global"))
-        if self.encoder_input < 32:
-            raise HevisumError(f"models.encoder_input must be >= 32 px, got {self.encoder_input}")
+        if self.ridge_alpha < 0 or self.ridge_alpha != self.ridge_alpha or self.ridge_alpha == float("inf"):
+            raise HevisumError(f"models.ridge_alpha must be a finite number >= 0, got {self.ridge_alpha}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The frozen encoder behind the encoder-* methods (``hevisum encoders`` lists the presets)."""
+
+    name: str = "effnet-lite0"  # a preset name; effnet-lite0's ImageNet weights ship with the package
+    weights: str = ""  # a local .safetensors or torch state-dict file (required for every other preset)
+    input_px: int = 112  # side the encoder sees (tiles are resized to it); 0 = the preset's own input size
+
+    def check(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise HevisumError("encoder.name must be a preset name; 'hevisum encoders' lists them")
+        if self.input_px != 0 and self.input_px < 32:
+            raise HevisumError(f"encoder.input_px must be 0 (the preset's size) or >= 32 px, got {self.input_px}")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """What the encoder sees and which spatial context the heads get."""
+
+    # spot: the tile cache (tiles.scale x pitch around the spot); tissue: the encoder's own field of view at its
+    # own microns per pixel, cut from the full-resolution image (needs a known um/px; else falls back to spot)
+    tiles: str = "spot"
+    tissue_fov_um: float = 0.0  # field of view for tiles = "tissue"; 0 = the preset's (input px x um/px) or 112
+    # context blocks added to the encoder methods: ring1 / ring2 (mean over the neighbours within 1 / 2 lattice
+    # rings), slide (the slide's mean), wide (encoder features of wide_scale x pitch around the spot)
+    context: list = field(default_factory=list)
+    wide_scale: float = 6.0
+
+    def check(self) -> None:
+        _choice("features.tiles", self.tiles, ("spot", "tissue"))
+        for c in self.context:
+            _choice("features.context[]", c, ("ring1", "ring2", "slide", "wide"))
+        if not (self.tissue_fov_um >= 0 and self.tissue_fov_um < 1e5):
+            raise HevisumError(f"features.tissue_fov_um must be a finite number >= 0, got {self.tissue_fov_um}")
+        if not (0 < self.wide_scale < 100):
+            raise HevisumError(f"features.wide_scale must be in (0, 100) pitches, got {self.wide_scale}")
 
 
 @dataclass(frozen=True)
@@ -338,7 +389,7 @@ class SmoothingConfig:
     sigma_pitches: float = 1.0
 
     def check(self) -> None:
-        _positive("smoothing.sigma_pitches", self.sigma_pitches)
+        _in_range("smoothing.sigma_pitches", self.sigma_pitches, 0, 100, lo_open=True, unit=" pitches")
 
 
 @dataclass(frozen=True)
@@ -355,11 +406,14 @@ class RunConfig:
     tiles: TilesConfig = field(default_factory=TilesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     stacking: StackingConfig = field(default_factory=StackingConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
 
     def check(self) -> None:
         _choice("profile", self.profile, ("fast", "reference"))
+        _seed("seed", self.seed)
 
     def preprocess_config(self) -> PreprocessConfig:
         # The preprocessing sections are the same dataclasses, under the same names.
@@ -368,16 +422,18 @@ class RunConfig:
 
 # What each profile changes from the defaults (a config file and flags still override these).
 PROFILES: dict[str, dict] = {
-    "fast": {"models": {"methods": ["effnet-ridge", "effnet-colour-ridge", "effnet-stages-ridge", "effnet-mlp"]},
-             "tiles": {"size": 78}},
-    "reference": {"models": {"methods": ["hevisum-cnn"]}, "tiles": {"size": 78},
+    "fast": {"tiles": {"size": 78}},
+    "reference": {"tiles": {"size": 78},
                   "train": {"loss": "hybrid", "target": "rank", "epochs": 30}},
 }
 
 
-def load_run_config(path: str | Path | None = None, profile: str | None = None, seed: int | None = None) -> RunConfig:
-    """defaults < profile < config file < flags."""
+def load_run_config(path: str | Path | None = None, profile: str | None = None, seed: int | None = None,
+                    overrides: dict | None = None) -> RunConfig:
+    """defaults < profile < config file < flags (``overrides``: a nested dict, e.g. {"encoder": {"name": ...}})."""
     file_data = load_toml(path) if path else {}
+    if overrides:
+        file_data = merge(file_data, overrides)
     prof = profile or file_data.get("profile") or "fast"
     if prof not in PROFILES:
         raise HevisumError(f"profile {prof!r} is not valid; choose one of {sorted(PROFILES)}")

@@ -8,14 +8,14 @@ computed on predictions a model made for spots it trained on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
-from hevisum.config import FEATURE_METHODS, RunConfig
+from hevisum.config import RunConfig
 from hevisum.errors import HevisumError
-from hevisum.methods import FittedMethod, build_network, fit_feature_method, predict_feature_method
+from hevisum.methods import FitContext, Method, get_method, stacker_name
 from hevisum.metrics import mean_spot_spearman, mse, score
 
 
@@ -85,13 +85,12 @@ def rank_average(preds: list[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class MethodCV:
-    """One method's cross-validation: OOF predictions, test predictions per fold, fold scores, models."""
+    """One method's cross-validation: OOF predictions, test predictions per fold model, the fold models."""
 
     name: str
     oof: np.ndarray  # (n_train_rows, T), aligned with Folds.train_rows
     test_folds: list[np.ndarray]  # per fold (n_test_rows, T)
-    fold_scores: dict[str, float]  # held-out slide -> mean per-spot Spearman
-    models: list[FittedMethod] = field(default_factory=list)
+    models: list = field(default_factory=list)  # fitted Method per fold, in Folds.slide_ids order
 
     @property
     def test_ensemble(self) -> np.ndarray:
@@ -105,61 +104,73 @@ def fit_targets(raw: np.ndarray, ranks: np.ndarray, cfg: RunConfig) -> np.ndarra
     return scale_rank_targets(ranks) if cfg.train.target == "rank" else raw.astype(np.float32)
 
 
-def inner_validation(n: int, seed: int, frac: float = 0.15) -> np.ndarray:
-    """Boolean mask of the rows held back for early stopping inside a fold (never the held-out slide)."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(n, dtype=bool)
-    mask[rng.choice(n, size=max(1, int(round(frac * n))), replace=False)] = True
-    return mask
+def cross_validate_method(name: str, folds: Folds, Y_fit: np.ndarray, cfg: RunConfig, ctx: FitContext,
+                          features: np.ndarray | None = None, fold_dir=None, target_names: list[str] | None = None,
+                          resume: bool = False, on_reuse=None) -> MethodCV:
+    """Leave-one-slide-out for one registered method.
 
-
-def cross_validate_method(name: str, folds: Folds, Y_fit: np.ndarray, Y_raw: np.ndarray, cfg: RunConfig, *,
-                          features: np.ndarray | None = None, tiles: np.ndarray | None = None,
-                          extra: np.ndarray | None = None, device: str = "cpu", progress: bool = False,
-                          seed: int = 0) -> MethodCV:
-    """Leave-one-slide-out for one method.
-
-    ``Y_fit`` and ``Y_raw`` are indexed by tile-cache row; ``features`` likewise (feature methods).
-    Fold scores compare OOF predictions with the raw targets (the competition metric).
+    ``Y_fit`` and ``features`` are indexed by tile-cache row (``ctx`` carries the tiles and raw targets that
+    tile methods need). Each fold's model is fitted on the other slides and predicts the held-out slide (its
+    out-of-fold rows) and every test spot. With ``fold_dir(held) -> folder`` every fold model is saved as soon as
+    it is fitted, with a digest of what it was fitted on (config, rows, targets, features); with ``resume`` a
+    saved fold model whose digest matches is loaded instead of fitted again.
     """
+    from hevisum.methods import load_model
+
+    cls = get_method(name)
     T = Y_fit.shape[1]
+    names = list(target_names or [])
     oof = np.full((len(folds.train_rows), T), np.nan, dtype=np.float32)
     test_folds: list[np.ndarray] = []
-    scores: dict[str, float] = {}
-    models: list[FittedMethod] = []
+    models = []
     for k, held in enumerate(folds.slide_ids):
         fit_mask, held_mask = folds.split(held)
         fit_rows, held_rows = folds.train_rows[fit_mask], folds.train_rows[held_mask]
-        train_slides = sorted(set(folds.slides[fit_mask].tolist()))
-        fold_seed = seed + 1000 * k
-        if name in FEATURE_METHODS:
-            X = features
-            fm = fit_feature_method(name, None if X is None else X[fit_rows], Y_fit[fit_rows], train_slides, cfg,
-                                    fold_seed, groups=folds.slides[fit_mask])
-            oof[held_mask] = predict_feature_method(fm, None if X is None else X[held_rows], len(held_rows))
-            if len(folds.test_rows):
-                test_folds.append(predict_feature_method(fm, None if X is None else X[folds.test_rows],
-                                                         len(folds.test_rows)))
-        else:
-            from hevisum.training import predict_tiles, train_tile_model
+        fctx = replace(ctx, seed=ctx.seed + 1000 * k, desc=f"{name} fold {held}")
+        X_fit = None if features is None else features[fit_rows]
+        folder = fold_dir(held) if fold_dir is not None else None
+        digest = _fold_digest(name, cfg, fit_rows, Y_fit[fit_rows], X_fit, fctx.seed)
+        m = None
+        if resume and folder is not None and (folder / "model.json").is_file():
+            try:
+                loaded = load_model(folder)
+                if loaded.meta.get("digest") == digest:
+                    m = loaded.method
+                    if on_reuse is not None:
+                        on_reuse(held)
+            except HevisumError:
+                m = None
+        if m is None:
+            m = cls(cfg).fit(X_fit, Y_fit[fit_rows], rows=fit_rows, groups=folds.slides[fit_mask], ctx=fctx)
+            if folder is not None:
+                m.save(folder, train_slides=sorted(set(folds.slides[fit_mask].tolist())), target_names=names,
+                       digest=digest)
+        oof[held_mask] = m.predict(None if features is None else features[held_rows], rows=held_rows, ctx=fctx)
+        if len(folds.test_rows):
+            test_folds.append(m.predict(None if features is None else features[folds.test_rows],
+                                        rows=folds.test_rows, ctx=fctx))
+        models.append(m)
+    return MethodCV(name=name, oof=oof, test_folds=test_folds, models=models)
 
-            val_mask = inner_validation(len(fit_rows), fold_seed)
-            net = build_network(name, T)
-            res = train_tile_model(net, tiles, fit_rows[~val_mask], fit_rows[val_mask], Y_fit,
-                                   Y_raw[fit_rows[val_mask]], cfg.train, seed=fold_seed, device=device, extra=extra,
-                                   progress=progress, desc=f"{name} fold {held}")
-            fm = FittedMethod(name, train_slides,
-                              {"best_epoch": res.best_epoch, "inner_val_spearman": res.best_score,
-                               "seconds": res.seconds},
-                              {k2: v.float().numpy() if v.is_floating_point() else v.numpy()
-                               for k2, v in res.state_dict.items()}, log=res.log)
-            kw = dict(batch_size=64, device=device, precision=cfg.train.precision, tta=cfg.train.tta, extra=extra)
-            oof[held_mask] = predict_tiles(net, tiles, held_rows, **kw)
-            if len(folds.test_rows):
-                test_folds.append(predict_tiles(net, tiles, folds.test_rows, **kw))
-        scores[held] = mean_spot_spearman(oof[held_mask], Y_raw[held_rows])
-        models.append(fm)
-    return MethodCV(name=name, oof=oof, test_folds=test_folds, fold_scores=scores, models=models)
+
+def _fold_digest(name: str, cfg: RunConfig, rows: np.ndarray, Y: np.ndarray, X: np.ndarray | None, seed: int) -> str:
+    """What a fold model depends on: method, configuration, training rows, their targets and features, seed."""
+    import hashlib
+    import json
+
+    from hevisum.config import to_dict
+
+    h = hashlib.sha1(json.dumps({"method": name, "config": to_dict(cfg), "seed": seed}, sort_keys=True,
+                                default=str).encode())
+    for a in (rows, Y, X):
+        if a is not None:
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def fold_scores(oof: np.ndarray, Y_raw_train: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """Mean per-spot Spearman of the OOF predictions on each held-out slide (or block)."""
+    return {g: mean_spot_spearman(oof[groups == g], Y_raw_train[groups == g]) for g in dict.fromkeys(groups.tolist())}
 
 
 # ---------------------------------------------------------------- stacking
@@ -175,42 +186,42 @@ def stack_test_inputs(results: list[MethodCV]) -> np.ndarray:
     return np.concatenate([r.test_ensemble for r in results], axis=1)
 
 
-def _fit_stacker(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, kind: str, seed: int):
-    from hevisum.models.stacking import fit_stacker
-
-    return fit_stacker(X, Y, groups=groups, seed=seed, kind=kind)
-
-
 @dataclass
 class StackCV:
     oof: np.ndarray  # nested out-of-fold stacked predictions for the training rows
-    fold_scores: dict[str, float]
-    final: object  # stacker fitted on all OOF rows
+    final: Method  # stacker fitted on all OOF rows
     test: np.ndarray  # its predictions for the test rows
 
 
-def cross_validate_stacking(X_oof: np.ndarray, Y_fit_train: np.ndarray, Y_raw_train: np.ndarray,
-                            slides: np.ndarray, X_test: np.ndarray, kind: str = "ridge", seed: int = 0) -> StackCV:
+def cross_validate_stacking(X_oof: np.ndarray, Y_fit_train: np.ndarray, slides: np.ndarray, X_test: np.ndarray,
+                            cfg: RunConfig, methods: list[str], seed: int = 0) -> StackCV:
     """Nested leave-one-slide-out over OOF rows: the stacker that scores slide s never saw s's rows.
 
     ``X_oof`` must be out-of-fold predictions (see :func:`stack_inputs`); feeding it in-sample
     predictions is exactly the reference's leak, and this score would then be optimistic.
     """
+    cls = get_method(stacker_name())
+    ctx = FitContext(cfg=cfg, seed=seed)
+
+    def fit(rows_mask):
+        st = cls(cfg)
+        st.params = {"methods": list(methods)}
+        rows = np.flatnonzero(rows_mask)
+        return st.fit(X_oof[rows_mask], Y_fit_train[rows_mask], rows=rows, groups=slides[rows_mask], ctx=ctx)
+
     oof = np.full_like(Y_fit_train, np.nan, dtype=np.float32)
-    scores: dict[str, float] = {}
     for held in dict.fromkeys(slides.tolist()):
         m = slides == held
-        st = _fit_stacker(X_oof[~m], Y_fit_train[~m], slides[~m], kind, seed)
-        oof[m] = st.predict(X_oof[m])
-        scores[held] = mean_spot_spearman(oof[m], Y_raw_train[m])
-    final = _fit_stacker(X_oof, Y_fit_train, slides, kind, seed)
-    test = final.predict(X_test) if len(X_test) else np.zeros((0, Y_fit_train.shape[1]), np.float32)
-    return StackCV(oof=oof, fold_scores=scores, final=final, test=np.asarray(test, dtype=np.float32))
+        oof[m] = fit(~m).predict(X_oof[m], rows=np.flatnonzero(m), ctx=ctx)
+    final = fit(np.ones(len(slides), dtype=bool))
+    test = (final.predict(X_test, rows=np.arange(len(X_test)), ctx=ctx) if len(X_test)
+            else np.zeros((0, Y_fit_train.shape[1]), np.float32))
+    return StackCV(oof=oof, final=final, test=np.asarray(test, dtype=np.float32))
 
 
-def summarise(name: str, oof: np.ndarray, Y_raw_train: np.ndarray, fold_scores: dict[str, float],
-              target_names: list[str], Y_fit_train: np.ndarray | None = None) -> dict:
-    """Metrics of one method over all OOF rows plus its per-fold scores.
+def summarise(name: str, oof: np.ndarray, Y_raw_train: np.ndarray, groups: np.ndarray, target_names: list[str],
+              Y_fit_train: np.ndarray | None = None) -> dict:
+    """Metrics of one method over all OOF rows and per held-out slide, from the same predictions.
 
     Correlations are against the raw targets (ranks are all they see). ``cv_mse`` compares like with like: the
     predictions with the targets the models were fitted to (``Y_fit_train``: per-spot ranks scaled 0..1 by
@@ -218,8 +229,62 @@ def summarise(name: str, oof: np.ndarray, Y_raw_train: np.ndarray, fold_scores: 
     """
     s = score(oof, Y_raw_train, target_names)
     s["mse"] = mse(oof, Y_raw_train if Y_fit_train is None else Y_fit_train)
+    folds_ = fold_scores(oof, Y_raw_train, groups)
     return {"method": name, "cv_spot_spearman": s["spot_spearman"],
-            "cv_fold_spot_spearman": {k: float(v) for k, v in fold_scores.items()},
-            "cv_fold_mean": float(np.nanmean(list(fold_scores.values()))),
+            "cv_fold_spot_spearman": {k: float(v) for k, v in folds_.items()},
+            "cv_fold_mean": float(np.nanmean(list(folds_.values()))),
             "cv_target_pearson_mean": s["target_pearson_mean"], "cv_target_spearman_mean": s["target_spearman_mean"],
             "cv_mse": s["mse"], "cv": s}
+
+
+@dataclass
+class Selection:
+    """The method a run hands the user, and why."""
+
+    selected: str
+    best_single: str
+    best_baseline: str
+    beats_baselines: bool
+    stack_margin: float | None = None  # mean paired fold difference stacker - best single
+    stack_noise: float | None = None  # its standard error over folds
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def select_method(summaries: dict[str, dict], baselines: list[str], stacker: str | None = None) -> Selection:
+    """Choose by cross-validation only, never by test truth.
+
+    Every single method, the baselines included, is a candidate, so a user never gets a model whose CV is below
+    ``mean`` or ``colour-ridge``. The stacker is chosen only when its nested CV beats the best single method by
+    more than the fold-to-fold noise: the mean paired per-fold difference must exceed its standard error.
+    """
+    singles = [k for k in summaries if k != stacker]
+    best_single = max(singles, key=lambda k: _nan_low(summaries[k]["cv_spot_spearman"]))
+    present = [b for b in baselines if b in summaries]
+    best_base = max(present, key=lambda k: _nan_low(summaries[k]["cv_spot_spearman"])) if present else best_single
+    sel = Selection(selected=best_single, best_single=best_single, best_baseline=best_base,
+                    beats_baselines=best_single not in present)
+    if stacker and stacker in summaries:
+        a = summaries[stacker]["cv_fold_spot_spearman"]
+        b = summaries[best_single]["cv_fold_spot_spearman"]
+        d = np.array([a[k] - b[k] for k in a if k in b and np.isfinite(a[k]) and np.isfinite(b[k])])
+        if len(d) >= 2:
+            sel.stack_margin = float(d.mean())
+            sel.stack_noise = float(d.std(ddof=1) / np.sqrt(len(d)))
+            if sel.stack_margin > sel.stack_noise and sel.stack_margin > 0:
+                sel.selected = stacker
+                sel.beats_baselines = True
+    if not sel.beats_baselines:
+        sel.warnings.append(
+            f"no method beats the baselines in cross-validation: the selected model is the baseline "
+            f"{sel.selected!r} (CV per-spot Spearman {_nan_low(summaries[sel.selected]['cv_spot_spearman']):.4f}); "
+            "the image models add nothing measurable on these slides")
+    return sel
+
+
+def _nan_low(v) -> float:
+    return -np.inf if v is None or not np.isfinite(v) else float(v)

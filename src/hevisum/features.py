@@ -1,60 +1,201 @@
-"""Per-tile features computed once and cached beside the tile cache.
+"""Per-tile features computed once, cached beside the tile cache, and assembled for a method.
 
-Frozen-encoder features are the fast profile's whole cost: computing them once per tile (not once per
-fold and epoch) is what makes cross-validation of several heads cheap on a CPU.
+Frozen-encoder features are the fast profile's whole cost: computing them once per tile (not once per fold and
+epoch) is what makes cross-validation of several heads cheap on a CPU. The cache key holds the encoder, the
+digest of its weight file, the view, the tile geometry and the inference settings, so a second run with the same
+encoder and tiles reads them back.
+
+A method's input is the concatenation of its :class:`~hevisum.methods.FeatureSpec` blocks. Each block is a base
+feature (colour statistics, or the encoder's features of the spot tile or of a wider field of view), optionally
+turned into spatial context (the mean over the spot's neighbours within one or two lattice rings, or the slide's
+mean), then standardised as ``models.feature_norm`` says.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hevisum.io.atomic import atomic_path
 
-FEATURE_KINDS = ("colour", "effnet", "effnet-stages")
+log = logging.getLogger("hevisum")
+
+
+@dataclass
+class FeatureStore:
+    """Where features come from for one preprocessed work folder: its tile caches and a loaded encoder."""
+
+    workdir: Path
+    tiles: dict  # geometry name -> (N, S, S, 3) uint8 array
+    spots: object  # the prepared spots table (slide, x, y, pitch_px), row order = tile order
+    cfg: object
+    device: str = "cpu"
+    progress: bool = False
+    _encoder: object = None
+    _digest: str | None = None
+    _memo: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- encoder
+    def encoder(self):
+        if self._encoder is None:
+            from hevisum.encoders import load_encoder, weights_digest
+
+            enc_cfg = self.cfg.encoder
+            self._encoder = load_encoder(enc_cfg.name, weights=enc_cfg.weights or None, device=self.device)
+            self._digest = weights_digest(enc_cfg.weights) if enc_cfg.weights else "builtin"
+        return self._encoder
+
+    def encoder_key(self) -> dict:
+        self.encoder()
+        return {"encoder": self.cfg.encoder.name, "weights": self._digest, "input_px": self.input_px(),
+                "tta": self.cfg.train.tta, "precision": self.cfg.train.precision}
+
+    def input_px(self) -> int:
+        return int(self.cfg.encoder.input_px or self.encoder().preset.input_px)
+
+    # ---------------------------------------------------------------- blocks
+    def base(self, source: str, geometry: str, view: str) -> np.ndarray:
+        """Colour statistics or encoder features of every tile of ``geometry`` (cached on disk)."""
+        memo_key = (source, geometry, view)
+        if memo_key in self._memo:
+            return self._memo[memo_key]
+        tiles = self.tiles[geometry]
+        key = {"source": source, "view": view, "n_tiles": int(len(tiles)), "tile_shape": list(tiles.shape[1:]),
+               "geometry": geometry, "tiles_id": _tiles_id(tiles)}
+        if source == "encoder":
+            key.update(self.encoder_key())
+        path = _cache_path(self.workdir, f"{source}-{view}", key)
+        feats = None
+        if path.is_file():
+            feats = np.load(path, allow_pickle=False)
+            if feats.shape[0] != len(tiles):
+                feats = None
+        if feats is None:
+            if source == "colour":
+                from hevisum.models.baselines import colour_features
+
+                feats = np.asarray(colour_features(tiles), dtype=np.float32)
+            elif view == "embed" and getattr(self.encoder(), "stages_feature_dim", None):
+                # a CNN's stage-pooled features end with its embedding: one forward pass serves both views
+                feats = np.ascontiguousarray(self.base(source, geometry, "stages")[:, -self.encoder().feature_dim:])
+            else:
+                feats = self._encode(tiles, view)
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, feats, allow_pickle=False)
+        self._memo[memo_key] = feats
+        return feats
+
+    def _encode(self, tiles: np.ndarray, view: str) -> np.ndarray:
+        from hevisum.encoders import encode_tiles
+        from hevisum.training import autocast_dtype
+
+        enc = self.encoder()
+        import torch
+
+        bf16 = autocast_dtype(self.cfg.train.precision, self.device) == torch.bfloat16
+        kw = dict(device=self.device, bf16=bf16, progress=self.progress, input_px=self.input_px(),
+                  stages=view == "stages")
+        if not self.cfg.train.tta:
+            return encode_tiles(enc, tiles, **kw)
+        acc = None
+        for v in _dihedral_np_views():
+            f = encode_tiles(enc, _LazyView(tiles, v), **kw)
+            acc = f if acc is None else acc + f
+        return (acc / 8).astype(np.float32)
+
+    def block(self, spec) -> np.ndarray:
+        """One feature block of a method, context applied and standardised."""
+        X = self.base(spec.source, spec.geometry, spec.view if spec.source == "encoder" else "embed")
+        slides = self.spots["slide"].astype(str).to_numpy()
+        norm = self.cfg.models.feature_norm
+        if spec.context in ("ring1", "ring2"):
+            X = neighbour_mean(X, self.spots, rings=int(spec.context[-1]))
+        elif spec.context == "slide":
+            # the slide's own mean: standardising it within the slide would zero it, so it is left as is
+            # (the heads standardise it with the training rows' statistics)
+            return slide_mean(X, slides)
+        if norm == "slide":
+            X = standardise_per_slide(X, slides)
+        return X
+
+    def for_method(self, method) -> np.ndarray | None:
+        """The (N, F) input of ``method`` for every tile-cache row, or None when it reads no features."""
+        specs = method.features()
+        if not specs:
+            return None
+        parts = [self.block(s) for s in specs]
+        X = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        if self.cfg.train.coords:
+            X = np.concatenate([X, slide_scaled_coords(self.spots)], axis=1)
+        return X.astype(np.float32, copy=False)
+
+
+def _tiles_id(tiles) -> str:
+    """A cheap fingerprint of a tile cache: a digest of a few tiles spread over it."""
+    n = len(tiles)
+    if n == 0:
+        return "empty"
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, 16)).astype(int))
+    return hashlib.sha1(np.ascontiguousarray(np.asarray(tiles[idx])).tobytes()).hexdigest()[:12]
 
 
 def _cache_path(workdir: Path, kind: str, params: dict) -> Path:
-    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    return workdir / "features" / f"{kind}-{key}.npy"
+    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(workdir) / "features" / f"{kind}-{key}.npy"
 
 
-def compute_features(tiles: np.ndarray, kind: str, *, input_size: int = 112, tta: bool = False,
-                     device: str = "cpu", precision: str = "auto", progress: bool = False) -> np.ndarray:
-    """Features (N, F) float32 of every tile, for ``kind`` in :data:`FEATURE_KINDS`.
+def standardise_per_slide(X: np.ndarray, slides: np.ndarray) -> np.ndarray:
+    """Z-score every feature within each slide. Uses no targets, so it is as legitimate on a test slide as on a
+    training one, and it removes slide-wide offsets (stain, scanner, thickness) that do not carry over."""
+    Z = np.empty(X.shape, dtype=np.float32)
+    for s in dict.fromkeys(slides.tolist()):
+        m = slides == s
+        Z[m] = (X[m] - X[m].mean(axis=0)) / (X[m].std(axis=0) + 1e-6)
+    return Z
 
-    ``effnet``: ImageNet-pretrained EfficientNet-Lite0, global-average-pooled 1280-vector, tiles resized
-    to ``input_size``; with ``tta`` the features of the 8 flips/rotations are averaged.
-    ``effnet-stages``: the same network, every stage's output pooled (mean and standard deviation) beside the
-    1280-vector: 2848 features from the same forward pass.
-    ``colour``: colour, haematoxylin/eosin and texture statistics (no network).
-    """
-    if kind == "colour":
-        from hevisum.models.baselines import colour_features
 
-        return np.asarray(colour_features(tiles), dtype=np.float32)
-    if kind in ("effnet", "effnet-stages"):
-        from hevisum.models.effnet import extract_features, load_pretrained_lite0
-        from hevisum.training import autocast_dtype
+def slide_mean(X: np.ndarray, slides: np.ndarray) -> np.ndarray:
+    """Every row replaced by its slide's mean feature vector (a slide-level summary)."""
+    out = np.empty(X.shape, dtype=np.float32)
+    for s in dict.fromkeys(slides.tolist()):
+        m = slides == s
+        out[m] = X[m].mean(axis=0)
+    return out
 
-        encoder = load_pretrained_lite0()
-        bf16 = autocast_dtype(precision, device) is not None
-        stages = kind == "effnet-stages"
-        if not tta:
-            return extract_features(encoder, tiles, input_size=input_size, device=device, autocast_bf16=bf16,
-                                    progress=progress, stages=stages).astype(np.float32)
-        acc = None
-        for k, view in enumerate(_dihedral_np_views()):
-            f = extract_features(encoder, _LazyView(tiles, view), input_size=input_size, device=device,
-                                 autocast_bf16=bf16, progress=progress, stages=stages)
-            acc = f if acc is None else acc + f
-        return (acc / 8).astype(np.float32)
-    from hevisum.errors import HevisumError
 
-    raise HevisumError(f"unknown feature kind {kind!r}; valid kinds are {list(FEATURE_KINDS)}")
+def neighbour_mean(X: np.ndarray, spots, rings: int = 1) -> np.ndarray:
+    """Mean feature vector of each spot's neighbours on its slide within ``rings`` lattice rings (centre
+    distance up to ``rings + 0.5`` pitches, the spot itself excluded); a spot without neighbours keeps its own."""
+    from scipy.spatial import cKDTree
+
+    out = np.array(X, dtype=np.float32, copy=True)
+    slides = spots["slide"].astype(str).to_numpy()
+    xy = spots[["x", "y"]].to_numpy(np.float64)
+    pitch = spots["pitch_px"].to_numpy(np.float64)
+    for s in dict.fromkeys(slides.tolist()):
+        idx = np.flatnonzero(slides == s)
+        tree = cKDTree(xy[idx])
+        radius = (rings + 0.5) * float(np.median(pitch[idx]))
+        for k, nb in enumerate(tree.query_ball_point(xy[idx], r=radius)):
+            nb = [j for j in nb if j != k]
+            if nb:
+                out[idx[k]] = X[idx[nb]].mean(axis=0)
+    return out
+
+
+def slide_scaled_coords(spots) -> np.ndarray:
+    """Spot (x, y) standardised within each slide (absolute positions mean nothing across slides)."""
+    out = np.zeros((len(spots), 2), dtype=np.float32)
+    for _, idx in spots.groupby("slide").indices.items():
+        xy = spots.iloc[idx][["x", "y"]].to_numpy(dtype=np.float64)
+        out[idx] = (xy - xy.mean(axis=0)) / (xy.std(axis=0) + 1e-6)
+    return out
 
 
 def _dihedral_np_views():
@@ -78,27 +219,3 @@ class _LazyView:
         if self.flip:
             x = x[..., :, ::-1, :]
         return np.ascontiguousarray(np.rot90(x, self.k, axes=(-3, -2)))
-
-
-def cached_features(workdir: Path, tiles: np.ndarray, kind: str, **params) -> np.ndarray:
-    """Compute features once per (tile cache, kind, parameters) and keep them in ``workdir/features``.
-
-    ``effnet`` is read off the cached ``effnet-stages`` (its last 1280 columns): one forward pass serves both.
-    """
-    if kind == "effnet":
-        from hevisum.models.effnet import HEAD_CHANNELS
-
-        return cached_features(workdir, tiles, "effnet-stages", **params)[:, -HEAD_CHANNELS:]
-    key_params = {k: v for k, v in params.items() if k not in ("progress", "device")}
-    key_params["n_tiles"] = int(len(tiles))
-    key_params["tile_shape"] = list(tiles.shape[1:])
-    path = _cache_path(Path(workdir), kind, {"kind": kind, **key_params})
-    if path.is_file():
-        arr = np.load(path, allow_pickle=False)
-        if arr.shape[0] == len(tiles):
-            return arr
-    feats = compute_features(tiles, kind, **params)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, feats, allow_pickle=False)
-    return feats

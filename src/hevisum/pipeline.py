@@ -1,13 +1,15 @@
-"""The main job, `hevisum run`: preprocess, cross-validate, ensemble, stack, predict, evaluate, report.
+"""The main job, `hevisum run`: a sequence of stages, each returning a typed result.
 
-The run folder is built under a temporary name and renamed at the end, so a failed run leaves no
-half-written folder. What it holds:
+    read -> preprocess -> targets and folds -> cross-validate every method -> stack -> select -> test -> report
+
+The run folder is built in ``OUT.partial/`` and moved onto ``OUT`` at the end (see :mod:`hevisum.io.atomic`),
+so a failed run leaves no half-written folder. What it holds:
 
     config.toml            resolved configuration
     target_names.json      names of the target columns C1..Cn
     stain.json             the stain target fitted on the training slides
-    prep/                  the preprocessing work folder (tile cache, qc.json, QC PNGs)
-    models/<method>/fold_<slide>/   one fitted model per fold (safetensors + JSON)
+    prep/                  the preprocessing work folder (tile caches, feature cache, qc.json, QC PNGs)
+    models/<method>/fold_<slide>/   one fitted model per fold (safetensors + JSON describing itself)
     models/stacking/       the stacker fitted on out-of-fold predictions
     oof_<method>.csv       out-of-fold predictions of every training spot
     predictions.csv        slide, ID, C1..Cn for every test spot (the selected method)
@@ -19,31 +21,49 @@ half-written folder. What it holds:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from hevisum.config import RunConfig, dump_config, load_run_config
+from hevisum.config import RunConfig, dump_config, load_run_config, to_dict
 from hevisum.cv import (
+    Folds,
     MethodCV,
+    Selection,
+    StackCV,
     cross_validate_method,
     cross_validate_stacking,
     fit_targets,
     make_folds,
+    select_method,
     stack_inputs,
     stack_test_inputs,
     summarise,
 )
 from hevisum.errors import HevisumError
 from hevisum.io.atomic import atomic_dir, atomic_write_text
-from hevisum.methods import FEATURE_OF
-from hevisum.predict import prediction_frame, thumbnail, write_prediction_outputs
+from hevisum.methods import (
+    FitContext,
+    baseline_names,
+    canonical_name,
+    default_methods,
+    get_method,
+    load_model,
+    stacker_name,
+)
+from hevisum.methods.base import _json_safe
+from hevisum.names import safe_name
+from hevisum.outputs import prediction_frame, thumbnail, write_prediction_outputs
+from hevisum.postprocess import smooth_rows
 
-BASELINES = ("mean", "colour-ridge")
+log = logging.getLogger("hevisum")
 
 
 def say(msg: str, progress: bool) -> None:
@@ -51,175 +71,309 @@ def say(msg: str, progress: bool) -> None:
         print(f"[hevisum] {msg}", flush=True)
 
 
-def method_list(cfg: RunConfig) -> list[str]:
-    """Baselines first, then the configured methods, without repeats."""
-    return list(dict.fromkeys([*BASELINES, *cfg.models.methods]))
+# ------------------------------------------------------------------------------------------- typed results
 
 
-def get_method_features(name: str, prep, cfg: RunConfig, device: str, progress: bool) -> np.ndarray | None:
-    """The (cached) per-tile features a feature method reads, normalised as configured; None for tile methods."""
-    from hevisum.features import cached_features
-
-    kinds = FEATURE_OF.get(name)
-    if not kinds:
-        return None
-    parts = []
-    for kind in kinds:
-        params: dict = {}
-        if kind.startswith("effnet"):
-            params = {"input_size": cfg.models.encoder_input, "tta": cfg.train.tta, "precision": cfg.train.precision}
-        feats = cached_features(prep.workdir, prep.tiles, kind, device=device, progress=progress, **params)
-        if cfg.models.feature_norm == "slide":
-            feats = standardise_per_slide(feats, prep.spots["slide"].astype(str).to_numpy())
-        parts.append(feats)
-    feats = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-    if cfg.train.coords:
-        feats = np.concatenate([feats, slide_scaled_coords(prep.spots)], axis=1)
-    return feats
+@dataclass
+class Targets:
+    raw: np.ndarray  # (N, T) per tile-cache row, NaN for test spots
+    fit: np.ndarray  # what the models are fitted to (per-spot ranks 0..1 by default)
+    names: list[str]
 
 
-def standardise_per_slide(X: np.ndarray, slides: np.ndarray) -> np.ndarray:
-    """Z-score every feature within each slide. Uses no targets, so it is as legitimate on a test slide as on a
-    training one, and it removes slide-wide offsets (stain, scanner, thickness) that do not carry over."""
-    Z = np.empty(X.shape, dtype=np.float32)
-    for s in dict.fromkeys(slides.tolist()):
-        m = slides == s
-        Z[m] = (X[m] - X[m].mean(axis=0)) / (X[m].std(axis=0) + 1e-6)
-    return Z
+@dataclass
+class CVResult:
+    folds: Folds
+    results: list[MethodCV]
+    summaries: dict[str, dict]
+    stack: StackCV | None
+    selection: Selection
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
-def slide_scaled_coords(spots: pd.DataFrame) -> np.ndarray:
-    """Spot (x, y) standardised within each slide (absolute positions mean nothing across slides)."""
-    out = np.zeros((len(spots), 2), dtype=np.float32)
-    for s, idx in spots.groupby("slide").indices.items():
-        xy = spots.iloc[idx][["x", "y"]].to_numpy(dtype=np.float64)
-        out[idx] = (xy - xy.mean(axis=0)) / (xy.std(axis=0) + 1e-6)
-    return out
+@dataclass
+class TestResult:
+    preds: dict[str, np.ndarray]  # method -> (n_test, T), every method and the stacker
+    metrics: dict | None  # method -> evaluate_frames output, when truth is known
 
 
-def maybe_smooth(pred: np.ndarray, rows: np.ndarray, prep, cfg: RunConfig) -> np.ndarray:
-    if not cfg.smoothing.enabled or len(rows) == 0:
-        return pred
-    from hevisum.postprocess import smooth_predictions
+@dataclass
+class RunResult:
+    """What `hevisum run` produced; ``metrics`` is metrics.json's content."""
 
-    sp = prep.spots.iloc[rows]
-    return smooth_predictions(pred, sp[["x", "y"]].to_numpy(float), sp["slide"].astype(str).to_numpy(),
-                              sp["pitch_px"].to_numpy(float) * cfg.smoothing.sigma_pitches)
+    out: Path
+    cfg: RunConfig
+    prep: object
+    targets: Targets
+    cv: CVResult
+    test: TestResult
+    metrics: dict
+    thumbs: dict
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def resolve_methods(cfg: RunConfig) -> list[str]:
+    """Baselines first, then the configured methods (registered names, aliases resolved), without repeats."""
+    names = [canonical_name(m) for m in cfg.models.methods] or default_methods(cfg.profile)
+    for m in names:
+        get_method(m)  # a clear error for an unknown name
+    if stacker_name() in names:
+        raise HevisumError(f"models.methods lists {stacker_name()!r}; stacking is switched by [stacking] enabled")
+    return list(dict.fromkeys([*baseline_names(), *names]))
+
+
+def tile_geometries(cfg: RunConfig, methods: list[str]) -> list:
+    """The extra tile caches the methods' features need beside the spot tiles."""
+    from hevisum.preprocess.tiles import TileGeometry
+
+    specs = [s for m in methods for s in get_method(m)(cfg).features()]
+    geoms = []
+    if cfg.features.tiles == "tissue" and any(s.source == "encoder" for s in specs):
+        geoms.append(TileGeometry("tissue", fov_um=_tissue_fov(cfg), size=_encoder_px(cfg)))
+    if any(s.geometry == "wide" for s in specs):
+        geoms.append(TileGeometry("wide", scale=cfg.features.wide_scale, size=cfg.tiles.size))
+    return geoms
+
+
+def _encoder_px(cfg: RunConfig) -> int:
+    from hevisum.encoders import get_preset
+
+    return int(cfg.encoder.input_px or get_preset(cfg.encoder.name).input_px)
+
+
+def _tissue_fov(cfg: RunConfig) -> float:
+    from hevisum.encoders import get_preset
+
+    if cfg.features.tissue_fov_um > 0:
+        return float(cfg.features.tissue_fov_um)
+    p = get_preset(cfg.encoder.name)
+    return float(p.input_px * p.um_per_px) if p.um_per_px else 112.0
+
+
+def read_stage(inputs: list[str] | None, reader_kwargs: dict, tmp: Path, cfg: RunConfig, truth: str | None,
+               progress: bool) -> tuple[list, str | None]:
+    """The input slides (or the generated demo dataset) and the truth file to score the test slides with."""
+    if inputs:
+        from hevisum.io import read_inputs
+
+        return read_inputs(inputs, **reader_kwargs), truth
+    from hevisum.demo import DemoSpec, write_demo
+    from hevisum.io.competition import read_competition_h5
+
+    say("no input given: generating the demo dataset", progress)
+    h5, truth_csv = write_demo(tmp / "data" / "demo.h5", DemoSpec(seed=cfg.seed))
+    return read_competition_h5(h5), truth or str(truth_csv)
+
+
+def preprocess_stage(slides: list, cfg: RunConfig, workdir: Path, methods: list[str], progress: bool,
+                     resume: bool = False, stain_target=None, keep_all_spots: bool = False):
+    """Preprocess (or, with ``resume``, reuse a finished work folder made from the same inputs and config)."""
+    from hevisum.preprocess.pipeline import load_prepared, preprocess
+
+    geoms = tile_geometries(cfg, methods)
+    digest = _digest({"config": to_dict(cfg.preprocess_config()), "geometries": [g.as_dict() for g in geoms],
+                      "inputs": [_slide_digest(s) for s in slides], "keep_all": keep_all_spots})
+    stamp = workdir / "inputs.digest"
+    if resume and stamp.is_file() and stamp.read_text() == digest:
+        say("resume: reusing the preprocessed work folder (same inputs and config)", progress)
+        return load_prepared(workdir)
+    if resume and workdir.exists():
+        say("resume: inputs or preprocessing config changed, preprocessing again", progress)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    prep = preprocess(slides, cfg.preprocess_config(), workdir, progress=progress, geometries=geoms,
+                      stain_target=stain_target, keep_all_spots=keep_all_spots)
+    atomic_write_text(stamp, digest)
+    return prep
+
+
+def targets_stage(prep, cfg: RunConfig) -> Targets:
+    raw = np.asarray(prep.targets, dtype=np.float32)
+    return Targets(raw=raw, fit=fit_targets(raw, np.asarray(prep.ranks), cfg), names=list(prep.target_names))
+
+
+def feature_store(prep, cfg: RunConfig, device: str, progress: bool):
+    from hevisum.features import FeatureStore
+
+    tiles = {"spot": prep.tiles, **prep.extra_tiles}
+    if cfg.features.tiles == "tissue" and "tissue" in prep.extra_tiles:
+        tiles["spot"] = prep.extra_tiles["tissue"]  # the encoder sees tissue-scale tiles
+    elif cfg.features.tiles == "tissue":
+        log.info("features.tiles = 'tissue' needs microns per pixel; the slides have none: using spot tiles")
+    return FeatureStore(workdir=prep.workdir, tiles=tiles, spots=prep.spots, cfg=cfg, device=device,
+                        progress=progress)
+
+
+def cross_validate_stage(prep, targets: Targets, methods: list[str], cfg: RunConfig, out: Path, device: str,
+                         progress: bool, resume: bool = False) -> CVResult:
+    """Leave-one-slide-out for every method; fold models saved as they finish (and reused on resume)."""
+    folds = make_folds(prep.spots, seed=cfg.seed)
+    store = feature_store(prep, cfg, device, progress)
+    ctx = FitContext(cfg=cfg, tiles=prep.tiles, Y_fit=targets.fit, Y_raw=targets.raw, device=device, seed=cfg.seed,
+                     progress=progress)
+    Yr, Yf = targets.raw[folds.train_rows], targets.fit[folds.train_rows]
+    results, summaries, seconds = [], {}, {}
+    for name in methods:
+        t0 = time.perf_counter()
+        say(f"cross-validating {name} over {len(folds.slide_ids)} folds", progress)
+        X = store.for_method(get_method(name)(cfg))
+        res = cross_validate_method(name, folds, targets.fit, cfg, ctx, features=X,
+                                    fold_dir=lambda held, n=name: out / "models" / n / f"fold_{safe_name(held)}",
+                                    target_names=targets.names, resume=resume,
+                                    on_reuse=lambda held, n=name: say(f"resume: reusing {n} fold {held}", progress))
+        # one set of predictions: smoothed, then scored overall and per fold
+        res.oof = smooth_rows(res.oof, folds.train_rows, prep.spots, cfg)
+        res.test_folds = [smooth_rows(p, folds.test_rows, prep.spots, cfg) for p in res.test_folds]
+        results.append(res)
+        summaries[name] = summarise(name, res.oof, Yr, folds.slides, targets.names, Yf)
+        seconds[name] = summaries[name]["seconds"] = time.perf_counter() - t0
+        say(f"{name}: CV per-spot Spearman {_fmt(summaries[name]['cv_spot_spearman'])}", progress)
+        prediction_frame(prep.spots.iloc[folds.train_rows], res.oof).to_csv(out / f"oof_{name}.csv", index=False)
+    stack = None
+    stacker = stacker_name()
+    if cfg.stacking.enabled and len(results) >= 2:
+        say(f"stacking {len(results)} methods ({cfg.stacking.model}), nested leave-one-slide-out", progress)
+        stack = cross_validate_stacking(stack_inputs(results), Yf, folds.slides,
+                                        stack_test_inputs(results) if len(folds.test_rows) else np.zeros((0, 0)),
+                                        cfg, [r.name for r in results], seed=cfg.seed)
+        summaries[stacker] = summarise(stacker, stack.oof, Yr, folds.slides, targets.names, Yf)
+        stack.final.save(out / "models" / stacker, train_slides=folds.slide_ids, target_names=targets.names)
+        prediction_frame(prep.spots.iloc[folds.train_rows], stack.oof).to_csv(out / f"oof_{stacker}.csv",
+                                                                              index=False)
+    selection = select_method(summaries, baseline_names(), stacker if stack is not None else None)
+    return CVResult(folds=folds, results=results, summaries=summaries, stack=stack, selection=selection,
+                    seconds=seconds)
+
+
+def test_stage(prep, cv: CVResult, targets: Targets, cfg: RunConfig, truth_df: pd.DataFrame | None,
+               truth_name: str, out: Path, thumbs: dict) -> TestResult:
+    """Predict the test slides with every method; write the selected one's outputs; score when truth is known."""
+    folds = cv.folds
+    preds = {r.name: r.test_ensemble for r in cv.results}
+    if cv.stack is not None:
+        preds[stacker_name()] = cv.stack.test
+    if not len(folds.test_rows):
+        return TestResult(preds={}, metrics=None)
+    spots = prep.spots.iloc[folds.test_rows]
+    write_prediction_outputs(out, spots, preds[cv.selection.selected], targets.names, thumbs)
+    for name, pred in preds.items():
+        prediction_frame(spots, pred).to_csv(out / f"test_{name}.csv", index=False)
+    metrics = None
+    if truth_df is not None:
+        from hevisum.metrics import evaluate_frames
+
+        metrics = {name: evaluate_frames(prediction_frame(spots, pred), truth_df,
+                                         names=(f"test predictions of {name}", truth_name))
+                   for name, pred in preds.items()}
+        _add_fit_space_mse(metrics, preds, truth_df, spots, cfg)
+    return TestResult(preds=preds, metrics=metrics)
+
+
+# ------------------------------------------------------------------------------------------- the run
 
 
 def run_pipeline(inputs: list[str] | None, out: Path, config_path: str | None = None, profile: str | None = None,
                  truth: str | None = None, seed: int | None = None, reader_kwargs: dict | None = None,
-                 device: str = "auto", progress: bool = True) -> dict:
-    """Run everything and return metrics.json's content. See the module docstring for the outputs."""
-    from hevisum.preprocess.pipeline import preprocess
+                 device: str = "auto", progress: bool = True, overrides: dict | None = None, force: bool = False,
+                 resume: bool = False) -> dict:
+    """Run everything and return metrics.json's content (see :func:`run` for the typed result)."""
+    return run(inputs, out, config_path=config_path, profile=profile, truth=truth, seed=seed,
+               reader_kwargs=reader_kwargs, device=device, progress=progress, overrides=overrides, force=force,
+               resume=resume).metrics
+
+
+def run(inputs: list[str] | None, out: Path, *, config_path: str | None = None, profile: str | None = None,
+        truth: str | None = None, seed: int | None = None, reader_kwargs: dict | None = None, device: str = "auto",
+        progress: bool = True, overrides: dict | None = None, force: bool = False, resume: bool = False) -> RunResult:
+    """Run every stage and write the run folder ``out``."""
     from hevisum.training import resolve_device
 
     t_start = time.perf_counter()
-    cfg = load_run_config(config_path, profile=profile, seed=seed)
+    cfg = load_run_config(config_path, profile=profile, seed=seed, overrides=overrides)
+    methods = resolve_methods(cfg)
     device = resolve_device(device)
-    reader_kwargs = dict(reader_kwargs or {})
     if truth is not None and not Path(truth).is_file():
         raise HevisumError(f"truth file {truth!r} not found; expected a CSV with columns slide, ID, C1..Cn")
     out = Path(out)
-    with atomic_dir(out) as tmp:
-        # 1. Inputs (or the generated demo dataset).
-        if inputs:
-            from hevisum.io import read_inputs
-
-            slides = read_inputs(inputs, **reader_kwargs)
-        else:
-            from hevisum.demo import DemoSpec, write_demo
-            from hevisum.io.competition import read_competition_h5
-
-            say("no input given: generating the demo dataset", progress)
-            h5, truth_csv = write_demo(tmp / "data" / "demo.h5", DemoSpec(seed=cfg.seed))
-            slides = read_competition_h5(h5)
-            truth = truth or str(truth_csv)
+    protect = ([Path(p) for p in (inputs or [])] + ([Path(truth)] if truth else [])
+               + ([Path(config_path)] if config_path else []))
+    with atomic_dir(out, force=force, resume=resume, protect=protect, kind="run") as tmp:
+        slides, truth = read_stage(inputs, dict(reader_kwargs or {}), tmp, cfg, truth, progress)
         dump_config(cfg, tmp / "config.toml")
-        # 2. Preprocess.
         say(f"preprocessing {len(slides)} slide(s)", progress)
-        prep = preprocess(slides, cfg.preprocess_config(), tmp / "prep", progress=progress)
+        prep = preprocess_stage(slides, cfg, tmp / "prep", methods, progress, resume=resume)
         thumbs = {s.slide_id: thumbnail(s.image) for s in slides}
         del slides
         say(prep.summary(), progress)
-        target_names = list(prep.target_names)
-        atomic_write_text(tmp / "target_names.json", json.dumps(target_names, indent=1))
+        targets = targets_stage(prep, cfg)
+        atomic_write_text(tmp / "target_names.json", json.dumps(targets.names, indent=1))
         shutil.copyfile(prep.workdir / "stain.json", tmp / "stain.json")
-        # 3. Cross-validate every method.
-        folds = make_folds(prep.spots, seed=cfg.seed)
         truth_df = _truth_frame(truth, prep)
+        folds = make_folds(prep.spots, seed=cfg.seed)
         if truth and len(folds.test_rows):
-            # Check that the truth file names these test spots before any training, not after it.
-            from hevisum.metrics import evaluate_frames
-
-            probe = np.tile(np.arange(len(prep.target_names), dtype=np.float32), (len(folds.test_rows), 1))
-            evaluate_frames(prediction_frame(prep.spots.iloc[folds.test_rows], probe), truth_df,
-                            names=("the input's test spots (slide, ID)", str(truth)))
-        Y_raw = np.asarray(prep.targets, dtype=np.float32)
-        Y_fit = fit_targets(Y_raw, np.asarray(prep.ranks), cfg)
-        Yr_train, Yf_train = Y_raw[folds.train_rows], Y_fit[folds.train_rows]
-        results: list[MethodCV] = []
-        summaries: dict[str, dict] = {}
-        extra = None
-        for name in method_list(cfg):
-            t0 = time.perf_counter()
-            say(f"cross-validating {name} over {len(folds.slide_ids)} folds", progress)
-            feats = get_method_features(name, prep, cfg, device, progress)
-            res = cross_validate_method(name, folds, Y_fit, Y_raw, cfg, features=feats, tiles=prep.tiles,
-                                        extra=extra, device=device, progress=progress, seed=cfg.seed)
-            res.oof = maybe_smooth(res.oof, folds.train_rows, prep, cfg)
-            res.test_folds = [maybe_smooth(p, folds.test_rows, prep, cfg) for p in res.test_folds]
-            results.append(res)
-            summaries[name] = summarise(name, res.oof, Yr_train, res.fold_scores, target_names, Yf_train)
-            summaries[name]["seconds"] = time.perf_counter() - t0
-            say(f"{name}: CV per-spot Spearman {summaries[name]['cv_spot_spearman']:.4f}", progress)
-            for fm, held in zip(res.models, folds.slide_ids):
-                fm.save(tmp / "models" / name / f"fold_{held}")
-            prediction_frame(prep.spots.iloc[folds.train_rows], res.oof).to_csv(tmp / f"oof_{name}.csv", index=False)
-        test_preds = {r.name: r.test_ensemble for r in results}
-        # 4. Stacking on out-of-fold predictions only.
-        stack_methods = [r.name for r in results]
-        if cfg.stacking.enabled and len(results) >= 2:
-            say(f"stacking {len(results)} methods ({cfg.stacking.model}), nested leave-one-slide-out", progress)
-            st = cross_validate_stacking(stack_inputs(results), Yf_train, Yr_train, folds.slides,
-                                         stack_test_inputs(results) if len(folds.test_rows) else np.zeros((0, 0)),
-                                         kind=cfg.stacking.model, seed=cfg.seed)
-            summaries["stacking"] = summarise("stacking", st.oof, Yr_train, st.fold_scores, target_names, Yf_train)
-            test_preds["stacking"] = st.test
-            _save_stacker(st.final, cfg.stacking.model, stack_methods, tmp / "models" / "stacking")
-            prediction_frame(prep.spots.iloc[folds.train_rows], st.oof).to_csv(tmp / "oof_stacking.csv", index=False)
-        # 5. Select by cross-validation only (never by the test truth), predict the test slides. Baselines are
-        # references, not candidates (the stacker sees them as inputs and can fall back on them).
-        candidates = [k for k in summaries if k not in BASELINES] or list(summaries)
-        best = max(candidates, key=lambda k: _nan_low(summaries[k]["cv_spot_spearman"]))
-        say(f"selected {best} (best cross-validated per-spot Spearman)", progress)
-        metrics: dict = {"selected": best, "profile": cfg.profile, "device": device, "seed": cfg.seed,
-                         "methods": summaries, "folds": folds.slide_ids,
-                         "n_train_spots": int(len(folds.train_rows)), "n_test_spots": int(len(folds.test_rows)),
-                         "stack_methods": stack_methods}
-        if len(folds.test_rows):
-            write_prediction_outputs(tmp, prep.spots.iloc[folds.test_rows], test_preds[best], target_names, thumbs)
-            for name, pred in test_preds.items():
-                prediction_frame(prep.spots.iloc[folds.test_rows], pred).to_csv(tmp / f"test_{name}.csv", index=False)
-            if truth_df is not None:
-                from hevisum.metrics import evaluate_frames
-
-                metrics["test"] = {name: evaluate_frames(prediction_frame(prep.spots.iloc[folds.test_rows], pred), truth_df,
-                                                         names=(f"test predictions of {name}", str(truth)))
-                                   for name, pred in test_preds.items()}
-                _add_fit_space_mse(metrics["test"], test_preds, truth_df, prep.spots.iloc[folds.test_rows], cfg)
-                say(f"test per-spot Spearman of {best}: {metrics['test'][best]['overall']['spot_spearman']:.4f}",
-                    progress)
-        else:
+            _check_truth(prep, folds, truth_df, truth)
+        cv = cross_validate_stage(prep, targets, methods, cfg, tmp, device, progress, resume=resume)
+        sel = cv.selection
+        say(f"selected {sel.selected} (best cross-validated per-spot Spearman"
+            f"{'' if sel.selected != stacker_name() else ', stacker beats the best single method beyond fold noise'})",
+            progress)
+        for w in sel.warnings:
+            say(f"warning: {w}", True)
+        test = test_stage(prep, cv, targets, cfg, truth_df, str(truth), tmp, thumbs)
+        metrics: dict = {"selected": sel.selected, "selection": sel.as_dict(), "profile": cfg.profile,
+                         "device": device, "seed": cfg.seed, "encoder": cfg.encoder.name, "methods": cv.summaries,
+                         "folds": cv.folds.slide_ids, "n_train_spots": int(len(cv.folds.train_rows)),
+                         "n_test_spots": int(len(cv.folds.test_rows)),
+                         "stack_methods": [r.name for r in cv.results] if cv.stack is not None else []}
+        if test.metrics is not None:
+            metrics["test"] = test.metrics
+            say(f"test per-spot Spearman of {sel.selected}: "
+                f"{_fmt(test.metrics[sel.selected]['overall']['spot_spearman'])}", progress)
+        elif not len(cv.folds.test_rows):
             say("no test slides: cross-validation only", progress)
         metrics["seconds"] = time.perf_counter() - t_start
         atomic_write_text(tmp / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
-        # 6. Report.
+        result = RunResult(out=out, cfg=cfg, prep=prep, targets=targets, cv=cv, test=test, metrics=metrics,
+                           thumbs=thumbs)
         from hevisum.report.html import write_report
 
-        write_report(tmp, prep, metrics, results, folds, test_preds, target_names)
+        write_report(tmp, result)
     say(f"done in {time.perf_counter() - t_start:.0f} s: {out}/report.html", progress)
-    return metrics
+    return result
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.4f}"
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(_json_safe(obj), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _slide_digest(s) -> str:
+    """A fingerprint of a slide's content: id, split, image (sampled), spots and targets."""
+    h = hashlib.sha1()
+    h.update(f"{s.slide_id}|{s.split}|{s.um_per_px}|{s.image.shape}".encode())
+    img = np.asarray(s.image)
+    h.update(np.ascontiguousarray(img[:: max(1, img.shape[0] // 64), :: max(1, img.shape[1] // 64)]).tobytes())
+    h.update(pd.util.hash_pandas_object(s.spots.astype(str), index=False).to_numpy().tobytes())
+    if s.targets is not None:
+        h.update(np.ascontiguousarray(np.asarray(s.targets, dtype=np.float64)).tobytes())
+    return h.hexdigest()
+
+
+def _check_truth(prep, folds: Folds, truth_df, truth: str) -> None:
+    """Check that the truth file names these test spots before any training, not after it."""
+    from hevisum.metrics import evaluate_frames
+
+    probe = np.tile(np.arange(len(prep.target_names), dtype=np.float32), (len(folds.test_rows), 1))
+    evaluate_frames(prediction_frame(prep.spots.iloc[folds.test_rows], probe), truth_df,
+                    names=("the input's test spots (slide, ID)", str(truth)))
 
 
 def _add_fit_space_mse(test: dict, preds: dict, truth_df: pd.DataFrame, spots: pd.DataFrame, cfg: RunConfig) -> None:
@@ -247,24 +401,9 @@ def _truth_frame(truth: str | None, prep) -> pd.DataFrame | None:
     return pd.read_csv(p) if p.is_file() else None
 
 
-def _nan_low(v) -> float:
-    return -np.inf if v is None or not np.isfinite(v) else float(v)
-
-
-def _save_stacker(stacker, kind: str, methods: list[str], folder: Path) -> None:
-    from hevisum.methods import FittedMethod
-
-    params = stacker.params() if kind == "mlp" else {}
-    FittedMethod(f"stacking-{kind}", [], {"methods": methods, **params}, stacker.state()).save(folder)
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+def fold_models(run_dir: Path, name: str) -> list:
+    """The saved fold models of one method of a run folder (see :func:`hevisum.methods.load_model`)."""
+    folders = sorted((Path(run_dir) / "models" / name).glob("fold_*"))
+    if not folders:
+        raise HevisumError(f"{run_dir}: no fold models for method {name!r} under models/{name}/")
+    return [load_model(f) for f in folders]

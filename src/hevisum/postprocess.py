@@ -28,3 +28,12 @@ def smooth_predictions(pred: np.ndarray, xy: np.ndarray, slides: np.ndarray, sig
         norm = np.asarray(w.sum(axis=1)).ravel()
         out[idx] = (w @ pred[idx]) / norm[:, None]
     return out
+
+
+def smooth_rows(pred: np.ndarray, rows: np.ndarray, spots, cfg) -> np.ndarray:
+    """``pred`` for tile-cache ``rows`` of the prepared ``spots`` table, smoothed as ``cfg.smoothing`` says."""
+    if not cfg.smoothing.enabled or len(rows) == 0:
+        return pred
+    sp = spots.iloc[rows]
+    return smooth_predictions(pred, sp[["x", "y"]].to_numpy(float), sp["slide"].astype(str).to_numpy(),
+                              sp["pitch_px"].to_numpy(float) * cfg.smoothing.sigma_pitches)

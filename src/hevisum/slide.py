@@ -64,6 +64,8 @@ class Slide:
     def validate(self) -> "Slide":
         """Check shapes, dtypes and values; raise :class:`HevisumError` naming the problem."""
         w = self.where()
+        if not isinstance(self.slide_id, str) or not self.slide_id:
+            raise HevisumError(f"{self.source or 'input'}: slide id {self.slide_id!r} is not a non-empty string")
         img = self.image
         if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3:
             shape = getattr(img, "shape", None)
@@ -82,6 +84,11 @@ class Slide:
                 raise HevisumError(f"{w}: spots table has no column {col!r}; columns are {list(self.spots.columns)}")
         if self.n_spots == 0:
             raise HevisumError(f"{w}: slide has no spots; every slide needs at least one spot")
+        for col in ("x", "y"):
+            dt = self.spots[col].dtype
+            if not (pd.api.types.is_numeric_dtype(dt) and not pd.api.types.is_bool_dtype(dt)
+                    and not pd.api.types.is_complex_dtype(dt)):
+                raise HevisumError(f"{w}: spot coordinate {col!r} has type {dt}; expected numbers (image pixels)")
         xy = self.xy
         if not np.isfinite(xy).all():
             bad = int(np.flatnonzero(~np.isfinite(xy).all(axis=1))[0])
@@ -94,17 +101,37 @@ class Slide:
                 f"{w}: {int(outside.sum())} spot(s) lie outside the {wd}x{h} image, first {self.spot_ids[i]!r} at "
                 f"(x={xy[i, 0]:g}, y={xy[i, 1]:g}); valid x is 0..{wd - 1}, y is 0..{h - 1}"
             )
+        if self.n_spots >= 2 and (xy == xy[0]).all():
+            raise HevisumError(
+                f"{w}: all {self.n_spots} spots lie at the same pixel (x={xy[0, 0]:g}, y={xy[0, 1]:g}); spot "
+                "centres must be the spots' own positions in image pixels"
+            )
         ids = self.spots["spot_id"].astype(str)
         if ids.duplicated().any():
             raise HevisumError(f"{w}: duplicate spot id {ids[ids.duplicated()].iloc[0]!r}; spot ids must be unique")
+        um = self.um_per_px
+        if um is not None and not (isinstance(um, (int, float, np.floating, np.integer)) and not isinstance(um, bool)
+                                   and np.isfinite(um) and 0 < um < 1e4):
+            raise HevisumError(f"{w}: microns per pixel is {um!r}; expected a positive finite number (or unknown)")
         if self.targets is not None:
             t = self.targets
+            if not isinstance(t, np.ndarray) or t.dtype.kind not in "iuf":
+                raise HevisumError(f"{w}: targets have type {getattr(t, 'dtype', type(t).__name__)}; expected "
+                                   "numbers, one row per spot and one column per target")
             if t.ndim != 2 or t.shape[0] != self.n_spots:
                 raise HevisumError(f"{w}: targets have shape {t.shape}; expected ({self.n_spots}, n_targets)")
             if self.target_names is not None and len(self.target_names) != t.shape[1]:
                 raise HevisumError(
                     f"{w}: {len(self.target_names)} target names for {t.shape[1]} target columns"
                 )
+            if self.target_names is not None:
+                seen: set = set()
+                for name in self.target_names:
+                    if not isinstance(name, str) or not name:
+                        raise HevisumError(f"{w}: target name {name!r} is not a non-empty string")
+                    if name in seen:
+                        raise HevisumError(f"{w}: target name {name!r} appears twice; target names must be unique")
+                    seen.add(name)
             finite = np.isfinite(t)
             if not finite.all():
                 r, c = np.argwhere(~finite)[0]

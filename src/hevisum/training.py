@@ -59,6 +59,14 @@ def autocast_dtype(precision: str, device: str):
     return torch.bfloat16
 
 
+def inner_validation(n: int, seed: int, frac: float = 0.15) -> np.ndarray:
+    """Boolean mask of the rows held back for early stopping inside a fold (never the held-out slide)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.choice(n, size=max(1, int(round(frac * n))), replace=False)] = True
+    return mask
+
+
 def scale_rank_targets(ranks: np.ndarray) -> np.ndarray:
     """Per-spot ranks 1..T -> 0..1, so losses are comparable whatever the number of targets."""
     t = ranks.shape[1]
@@ -68,9 +76,8 @@ def scale_rank_targets(ranks: np.ndarray) -> np.ndarray:
 class TileDataset:
     """Tiles (a memory-mapped uint8 array) and training targets, indexed by row of the tile cache."""
 
-    def __init__(self, tiles: np.ndarray, rows: np.ndarray, targets: np.ndarray | None = None,
-                 extra: np.ndarray | None = None):
-        self.tiles, self.rows, self.targets, self.extra = tiles, np.asarray(rows), targets, extra
+    def __init__(self, tiles: np.ndarray, rows: np.ndarray, targets: np.ndarray | None = None):
+        self.tiles, self.rows, self.targets = tiles, np.asarray(rows), targets
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -83,7 +90,6 @@ class TileDataset:
         # A memory-mapped cache is read-only; torch wants a writeable buffer, so copy the (small) tile.
         item = [torch.from_numpy(np.array(tile, copy=True))]
         item.append(torch.from_numpy(self.targets[r]) if self.targets is not None else torch.zeros(0))
-        item.append(torch.from_numpy(self.extra[r]) if self.extra is not None else torch.zeros(0))
         return tuple(item)
 
 
@@ -110,15 +116,13 @@ def dihedral_views(x):
     return views
 
 
-def _forward(model, xb, extra, normalise, dtype=None):
+def _forward(model, xb, normalise, dtype=None):
     import torch
 
     # channels-last is the fast layout for convolutions on CPUs (oneDNN) and on tensor-core GPUs.
     x = normalise(xb).contiguous(memory_format=torch.channels_last)
     if dtype is not None:
         x = x.to(dtype)
-    if extra is not None and extra.numel() and getattr(model, "accepts_extra", False):
-        return model(x, extra)
     return model(x)
 
 
@@ -138,7 +142,7 @@ def inference_copy(model, dtype=None):
 
 
 def predict_tiles(model, tiles: np.ndarray, rows: np.ndarray, *, batch_size: int = 64, device: str = "cpu",
-                  precision: str = "auto", tta: bool = False, extra: np.ndarray | None = None,
+                  precision: str = "auto", tta: bool = False,
                   num_workers: int = 0, progress: bool = False, desc: str = "predict") -> np.ndarray:
     """Predictions (n_rows, n_outputs) float32 of a tile model, in the order of ``rows``."""
     import torch
@@ -154,18 +158,18 @@ def predict_tiles(model, tiles: np.ndarray, rows: np.ndarray, *, batch_size: int
         # On a CPU, a bfloat16 copy of the weights is much faster than autocasting every call
         # (autocast re-casts the float32 weights on each forward).
         model, weight_dtype = inference_copy(model, dtype), dtype
-    loader = DataLoader(TileDataset(tiles, rows, None, extra), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(TileDataset(tiles, rows, None), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
     out = []
     with torch.inference_mode():
-        for xb, _, eb in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            xb, eb = xb.to(device), eb.to(device)
+        for xb, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            xb = xb.to(device)
             views = dihedral_views(xb) if tta else [xb]
             acc = None
             for v in views:
                 with torch.autocast(device_type=device.split(":")[0], dtype=dtype,
                                     enabled=dtype is not None and weight_dtype is None):
-                    p = _forward(model, v, eb, normalise_uint8, weight_dtype).float()
+                    p = _forward(model, v, normalise_uint8, weight_dtype).float()
                 acc = p if acc is None else acc + p
             out.append((acc / len(views)).cpu().numpy())
     n_out = getattr(model, "n_outputs", None)
@@ -181,12 +185,11 @@ class FoldResult:
     best_score: float
     log: pd.DataFrame
     seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
                      fit_targets: np.ndarray, val_truth: np.ndarray, cfg: TrainConfig, *, seed: int = 0,
-                     device: str = "cpu", extra: np.ndarray | None = None, progress: bool = False,
+                     device: str = "cpu", progress: bool = False,
                      desc: str = "train") -> FoldResult:
     """Train ``model`` on ``tiles[train_rows]`` against ``fit_targets[train_rows]``.
 
@@ -221,18 +224,18 @@ def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows:
         model.train()
         # Shuffle (and subsample) in the main process with our own generator: order is independent of workers.
         rows = rng.permutation(train_rows)[:n_per_epoch]
-        loader = DataLoader(TileDataset(tiles, rows, fit_targets, extra), batch_size=cfg.batch_size,
+        loader = DataLoader(TileDataset(tiles, rows, fit_targets), batch_size=cfg.batch_size,
                             shuffle=False, num_workers=cfg.num_workers, drop_last=len(rows) > cfg.batch_size,
                             persistent_workers=False)
         losses = []
-        for xb, yb, eb in loader:
+        for xb, yb in loader:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg.lr, cfg.min_lr)
-            xb, yb, eb = xb.to(device), yb.to(device), eb.to(device)
+            xb, yb = xb.to(device), yb.to(device)
             if cfg.augment:
                 xb = augment_batch(xb, gen)
             with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-                pred = _forward(model, xb, eb, normalise_uint8)
+                pred = _forward(model, xb, normalise_uint8)
             loss = loss_fn(pred.float(), yb.float(), epoch)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -245,7 +248,7 @@ def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows:
             losses.append(float(loss.detach()))
             step += 1
         val_pred = predict_tiles(model, tiles, val_rows, batch_size=max(64, cfg.batch_size), device=device,
-                                 precision=cfg.precision, extra=extra, num_workers=0)
+                                 precision=cfg.precision, num_workers=0)
         with torch.no_grad():
             val_loss = float(loss_fn(torch.from_numpy(val_pred), torch.from_numpy(fit_targets[val_rows]), epoch))
         score = mean_spot_spearman(val_pred, val_truth)

@@ -48,7 +48,9 @@ def detect_format(path: str | Path) -> str:
     import h5py
 
     if h5py.is_hdf5(p):
-        with h5py.File(p, "r") as f:
+        from hevisum.io.competition import open_h5
+
+        with open_h5(p) as f:
             keys = sorted(f.keys())
             if "images" in f or "spots" in f:
                 return "competition"  # its reader names a missing images/ or spots/ group

@@ -11,9 +11,11 @@ Spot ids are the row index in ``spots/<split>/<slide>`` (the submission's ``ID``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -41,7 +43,8 @@ def read_competition_h5(path: str | Path, test_slides: list[str] | None = None) 
     """Read every slide of a competition-layout HDF5 file.
 
     ``test_slides`` moves named Train slides to the test split (their targets are kept in ``meta``
-    as truth but not used for training).
+    as truth but not used for training). Each image's declared shape is checked against
+    :data:`hevisum.io.images.MAX_PIXELS` before anything is read.
     """
     import h5py
 
@@ -51,15 +54,17 @@ def read_competition_h5(path: str | Path, test_slides: list[str] | None = None) 
     if not h5py.is_hdf5(p):
         raise HevisumError(f"{p}: not an HDF5 file; expected the competition layout (images/, spots/)")
     slides: list[Slide] = []
-    with h5py.File(p, "r") as f:
+    with open_h5(p) as f:
         for group in ("images", "spots"):
             if group not in f:
                 raise HevisumError(f"{p}: missing group {group!r}; expected images/{{Train,Test}}/<slide> and "
                                    f"spots/{{Train,Test}}/<slide> (found {sorted(f.keys())})")
+            if not isinstance(f[group], h5py.Group):
+                raise HevisumError(f"{p}: {group!r} is a dataset; expected a group holding Train/ and Test/")
         names = _target_names_attr(f, p)
         for split_group, split in _SPLIT_GROUPS.items():
-            ig = f["images"].get(split_group)
-            sg = f["spots"].get(split_group)
+            ig = _split_group(f, p, "images", split_group)
+            sg = _split_group(f, p, "spots", split_group)
             if ig is None and sg is None:
                 continue
             img_names = set(ig.keys()) if ig is not None else set()
@@ -69,9 +74,11 @@ def read_competition_h5(path: str | Path, test_slides: list[str] | None = None) 
                     raise HevisumError(f"{p}: slide {sid!r} has images/{split_group}/{sid} but no spots/{split_group}/{sid}")
                 if sid not in img_names:
                     raise HevisumError(f"{p}: slide {sid!r} has spots/{split_group}/{sid} but no images/{split_group}/{sid}")
-                image = np.asarray(ig[sid][()])
-                ds = sg[sid]
-                slides.append(_slide_from_records(p, sid, split, image, ds[()], names, dict(ds.attrs)))
+                ids = _dataset(ig, sid, p, f"images/{split_group}", "an image dataset (H, W, 3) uint8")
+                sds = _dataset(sg, sid, p, f"spots/{split_group}", "a table dataset with fields x, y, C1..Cn")
+                image = _read_image(ids, p, f"images/{split_group}/{sid}")
+                rec = _read_spots(sds, p, f"spots/{split_group}/{sid}")
+                slides.append(_slide_from_records(p, sid, split, image, rec, names, _attrs(sds, p)))
     if not slides:
         raise HevisumError(f"{p}: no slides under images/Train or images/Test")
     for tid in test_slides or []:
@@ -90,6 +97,106 @@ def read_competition_h5(path: str | Path, test_slides: list[str] | None = None) 
     return slides
 
 
+# Most spots one slide may declare: far beyond any array (Visium HD bins are pooled before this point).
+MAX_SPOTS = 10_000_000
+
+
+@contextlib.contextmanager
+def open_h5(p: Path) -> Iterator:
+    """``h5py.File(p, 'r')``, with a damaged file (truncated, corrupt) or a read failure inside it as one
+    :class:`HevisumError` naming the file."""
+    import h5py
+
+    try:
+        f = h5py.File(p, "r")
+    except (OSError, ValueError) as e:
+        raise HevisumError(f"{p}: cannot open as HDF5 ({_first_line(e)}); the file may be truncated or damaged: "
+                           "write or copy it again") from None
+    try:
+        with f:
+            yield f
+    except (OSError, RuntimeError) as e:
+        raise HevisumError(f"{p}: cannot read the HDF5 file ({_first_line(e)}); it may be damaged: write or copy "
+                           "it again") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _split_group(f, p: Path, group: str, split_group: str):
+    """``f[group][split_group]`` as a group, None when absent; a dataset there is an error."""
+    import h5py
+
+    g = f[group].get(split_group)
+    if g is not None and not isinstance(g, h5py.Group):
+        raise HevisumError(f"{p}: {group}/{split_group} is a dataset; expected a group with one dataset per slide")
+    return g
+
+
+def _dataset(group, sid: str, p: Path, where: str, expected: str):
+    """The dataset ``group[sid]``; a group (``<slide>/<more>``) or a dangling link is an error."""
+    import h5py
+
+    try:
+        obj = group.get(sid)
+    except (KeyError, OSError, RuntimeError) as e:
+        raise HevisumError(f"{p}: {where}/{sid} cannot be read ({_first_line(e)}); expected {expected}") from None
+    if obj is None:
+        raise HevisumError(f"{p}: {where}/{sid} is a broken link; expected {expected}")
+    if isinstance(obj, h5py.Group):
+        inner = sorted(obj.keys())[:5]
+        raise HevisumError(f"{p}: {where}/{sid} is a group (holding {inner}), not a dataset; expected one slide per "
+                           f"name directly under {where}/, each {expected} (slide ids cannot contain '/')")
+    if not isinstance(obj, h5py.Dataset):
+        raise HevisumError(f"{p}: {where}/{sid} is not a dataset; expected {expected}")
+    return obj
+
+
+def _read_image(ds, p: Path, where: str) -> np.ndarray:
+    """The image dataset, read only after its declared shape and type are checked."""
+    from hevisum.io.images import MAX_PIXELS
+
+    shape = ds.shape
+    if shape is None or len(shape) != 3 or shape[2] not in (3, 4):
+        raise HevisumError(f"{p}: {where} has shape {shape}; expected an RGB image of shape (H, W, 3)")
+    h, w = int(shape[0]), int(shape[1])
+    if h * w > MAX_PIXELS:
+        raise HevisumError(
+            f"{p}: {where} declares a {w}x{h} px image ({w * h / 1e6:.0f} Mpx, {w * h * 3 / 2**30:.1f} GiB), above "
+            f"the {MAX_PIXELS / 1e6:.0f} Mpx limit; store a downscaled copy (and scale the spot coordinates)"
+        )
+    if ds.dtype != np.uint8:
+        raise HevisumError(f"{p}: {where} has type {ds.dtype}; expected uint8 (0-255) RGB")
+    if shape[2] == 4:
+        raise HevisumError(f"{p}: {where} is RGBA (H, W, 4); expected RGB (H, W, 3): drop the alpha channel")
+    return np.asarray(ds[()])
+
+
+def _read_spots(ds, p: Path, where: str) -> np.ndarray:
+    """The spots table dataset: one-dimensional, structured, numeric fields; checked before it is read."""
+    shape = ds.shape
+    names = ds.dtype.names or ()
+    if shape is None or len(shape) != 1 or not names:
+        raise HevisumError(f"{p}: {where} has shape {shape} and type {ds.dtype}; expected a one-dimensional table "
+                           "with named fields x, y, C1..Cn (Train) or x, y, Test_Set (Test)")
+    if shape[0] > MAX_SPOTS:
+        raise HevisumError(f"{p}: {where} declares {shape[0]} spots, above the limit of {MAX_SPOTS}")
+    for name in names:
+        sub = ds.dtype.fields[name][0]
+        if sub.kind not in "iuf" or sub.shape:
+            raise HevisumError(f"{p}: {where} field {name!r} has type {sub}; expected numbers (int or float)")
+    return ds[()]
+
+
+def _attrs(ds, p: Path) -> dict:
+    try:
+        return dict(ds.attrs)
+    except (OSError, RuntimeError, TypeError, ValueError) as e:
+        raise HevisumError(f"{p}: cannot read the attributes of {ds.name} ({_first_line(e)})") from None
+
+
 def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
@@ -99,14 +206,15 @@ def _target_names_attr(f, p: Path) -> list[str] | None:
     if raw is None:
         return None
     if isinstance(raw, bytes):
-        raw = raw.decode()
+        raw = raw.decode("utf-8", errors="replace")
     if isinstance(raw, str):
         try:
             names = json.loads(raw)
         except json.JSONDecodeError:
             raise HevisumError(f"{p}: attribute 'target_names' is not a JSON list of strings") from None
     else:
-        names = [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(raw).ravel()]
+        names = [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x)
+                 for x in np.asarray(raw).ravel()]
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise HevisumError(f"{p}: attribute 'target_names' must be a list of strings")
     return names
@@ -125,7 +233,12 @@ def _slide_from_records(p: Path, sid: str, split: str, image: np.ndarray, rec: n
         "y": rec["y"].astype(np.float64),
     })
     if "Test_Set" in fields:
-        spots["test_set"] = rec["Test_Set"].astype(np.int64)
+        ts = rec["Test_Set"]
+        bad = ~np.isfinite(ts) if ts.dtype.kind == "f" else np.zeros(len(ts), bool)
+        if bad.any() or (ts.dtype.kind == "f" and not np.array_equal(ts, np.round(ts))):
+            i = int(np.flatnonzero(bad)[0]) if bad.any() else int(np.flatnonzero(ts != np.round(ts))[0])
+            raise HevisumError(f"{where}: field 'Test_Set' of spot {i} is {ts[i]!r}; expected an integer")
+        spots["test_set"] = ts.astype(np.int64)
     tcols = sorted((c for c in fields if _TARGET_RE.match(c)), key=lambda c: int(c[1:]))
     targets = None
     target_names = None
@@ -140,16 +253,29 @@ def _slide_from_records(p: Path, sid: str, split: str, image: np.ndarray, rec: n
             raise HevisumError(f"{p}: attribute target_names has {len(names)} names but {sid!r} has {len(tcols)} "
                                "target fields C1..Cn")
         target_names = list(names) if names is not None else tcols
-    if image.ndim == 3 and image.shape[2] == 4:
-        raise HevisumError(f"{p}: images/{'Train' if split == 'train' else 'Test'}/{sid} is RGBA (H, W, 4); "
-                           "expected RGB (H, W, 3): drop the alpha channel")
     meta: dict = {}
     if "applied_shift" in attrs:
-        meta["applied_shift"] = tuple(float(v) for v in np.asarray(attrs["applied_shift"]).ravel())
+        v = _numbers(attrs["applied_shift"])
+        if v is None or len(v) != 2:
+            raise HevisumError(f"{where}: attribute 'applied_shift' is {attrs['applied_shift']!r}; expected two "
+                               "finite numbers (dx, dy) in pixels")
+        meta["applied_shift"] = tuple(v)
     if "um_per_px" in attrs:
-        meta["um_per_px"] = float(attrs["um_per_px"])
+        v = _numbers(attrs["um_per_px"])
+        if v is None or len(v) != 1 or not 0 < v[0] < 1e4:
+            raise HevisumError(f"{where}: attribute 'um_per_px' is {attrs['um_per_px']!r}; expected one positive "
+                               "number (microns per pixel)")
+        meta["um_per_px"] = v[0]
     return Slide(slide_id=sid, image=image, spots=spots, targets=targets, target_names=target_names,
                  um_per_px=meta.get("um_per_px"), split=split, source=str(p), meta=meta)
+
+
+def _numbers(value) -> list[float] | None:
+    """An attribute as a list of finite floats, or None when it is not one."""
+    a = np.asarray(value).ravel()
+    if a.dtype.kind not in "iuf" or not np.isfinite(a).all():
+        return None
+    return [float(v) for v in a]
 
 
 def write_competition_h5(slides: list[Slide], path: str | Path) -> None:

@@ -78,7 +78,7 @@ def estimate_um_per_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> dict | Non
     """
     a = np.asarray(array_xy, dtype=np.float64)
     p = np.asarray(pixel_xy, dtype=np.float64)
-    if len(a) < 3:
+    if len(a) < 3 or not (np.isfinite(a).all() and np.isfinite(p).all()):
         return None
     design = np.column_stack([a, np.ones(len(a))])
     if np.linalg.matrix_rank(design) < 3:
@@ -86,6 +86,8 @@ def estimate_um_per_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> dict | Non
     coef, *_ = np.linalg.lstsq(design, p, rcond=None)
     step_x = float(np.linalg.norm(coef[0]))  # pixels per +1 of array x
     step_y = float(np.linalg.norm(coef[1]))
+    if not (step_x > 1e-6 and step_y > 1e-6 and np.isfinite(step_x) and np.isfinite(step_y)):
+        return None  # pixel positions that do not follow the array (e.g. all spots at one pixel)
     parity = np.mod(np.rint(a[:, 0] + a[:, 1]), 2)
     if np.all(parity == parity[0]):
         pitch = float(np.linalg.norm(coef[0] + coef[1]))
@@ -103,9 +105,10 @@ def read_spot_table(path: str | Path) -> pd.DataFrame:
     require_columns(df, SPOT_COLUMNS, p, "x, y (array), pixel_x, pixel_y (image pixels) and optionally selected")
     for c in SPOT_COLUMNS + (["selected"] if "selected" in df.columns else []):
         v = pd.to_numeric(df[c], errors="coerce")
-        if v.isna().any():
-            i = int(np.flatnonzero(v.isna().to_numpy())[0])
-            raise HevisumError(f"{p}: column {c!r} row {i + 1} is {df[c].iloc[i]!r}; expected a number")
+        bad = ~np.isfinite(v.to_numpy(dtype=np.float64, na_value=np.nan))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise HevisumError(f"{p}: column {c!r} row {i + 1} is {df[c].iloc[i]!r}; expected a finite number")
         df[c] = v
     if "selected" not in df.columns:
         df["selected"] = 1

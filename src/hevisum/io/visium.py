@@ -46,6 +46,7 @@ VISIUM_SPOT_UM = 55.0  # a Visium spot is 55 µm across; Space Ranger gives its 
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 POSITION_FILES = ("tissue_positions.csv", "tissue_positions.parquet", "tissue_positions_list.csv")
 H5_NAME = "filtered_feature_bc_matrix.h5"
+_MAX_H5_ENTRIES = 2_000_000_000  # non-zero counts in a 10x matrix: far above any Visium sample
 IMAGE_CHOICES = ("auto", "hires", "lowres", "full")
 
 
@@ -80,6 +81,10 @@ def read_positions(spatial: Path) -> pd.DataFrame:
                     f"{p}: reading parquet needs the pyarrow package (not installed); install it, or convert the "
                     "file to tissue_positions.csv"
                 ) from None
+            except Exception as e:  # noqa: BLE001 - parquet engines raise their own types for damaged files
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise HevisumError(f"{p}: cannot read as parquet ({first}); expected Space Ranger's "
+                                   "tissue_positions.parquet") from None
         else:
             first = p.read_text(errors="replace").split("\n", 1)[0]
             has_header = first.split(",")[0].strip().lower() == "barcode"
@@ -94,11 +99,18 @@ def read_positions(spatial: Path) -> pd.DataFrame:
         require_columns(df, POSITION_COLUMNS, p, "the Space Ranger columns " + ", ".join(POSITION_COLUMNS))
         df = df[POSITION_COLUMNS].copy()
         df["barcode"] = df["barcode"].astype(str)
+        dup = df["barcode"].duplicated()
+        if dup.any():
+            b = df["barcode"][dup].iloc[0]
+            rows = [int(i) + 1 for i in np.flatnonzero((df["barcode"] == b).to_numpy())[:2]]
+            raise HevisumError(f"{p}: barcode {b!r} appears {int((df['barcode'] == b).sum())} times (rows {rows[0]} "
+                               f"and {rows[1]}); each barcode needs exactly one row")
         for col in POSITION_COLUMNS[1:]:
             df[col] = pd.to_numeric(df[col], errors="coerce")
-            if df[col].isna().any():
-                i = int(np.flatnonzero(df[col].isna().to_numpy())[0])
-                raise HevisumError(f"{p}: column {col!r} has a non-numeric or missing value at barcode "
+            bad = ~np.isfinite(df[col].to_numpy(dtype=np.float64, na_value=np.nan))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise HevisumError(f"{p}: column {col!r} has a non-numeric, missing or infinite value at barcode "
                                    f"{df['barcode'].iloc[i]!r}")
         df.attrs["source"] = str(p)
         return df
@@ -115,8 +127,8 @@ def read_scalefactors(spatial: Path) -> dict:
                            "tissue_hires_scalef / tissue_lowres_scalef to place spots on the images")
     try:
         sf = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise HevisumError(f"{p}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise HevisumError(f"{p}: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(sf, dict):
         raise HevisumError(f"{p}: expected a JSON object with tissue_hires_scalef, tissue_lowres_scalef")
     return sf
@@ -126,8 +138,8 @@ def _scalef(sf: dict, key: str, p: Path) -> float:
     if key not in sf:
         raise HevisumError(f"{p}: missing field {key!r}; fields found: {sorted(sf)}")
     v = sf[key]
-    if not isinstance(v, (int, float)) or not v > 0:
-        raise HevisumError(f"{p}: field {key!r} is {v!r}; expected a positive number")
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1e6:
+        raise HevisumError(f"{p}: field {key!r} is {v!r}; expected a positive finite number")
     return float(v)
 
 
@@ -194,7 +206,21 @@ def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
         raise HevisumError(f"10x matrix file {str(p)!r} not found")
     if not h5py.is_hdf5(p):
         raise HevisumError(f"{p}: not an HDF5 file; expected a 10x filtered_feature_bc_matrix.h5")
-    with h5py.File(p, "r") as f:
+    from hevisum.io.competition import open_h5
+
+    try:
+        return _read_10x_h5(p, open_h5)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise HevisumError(f"{p}: not a valid 10x feature-barcode matrix ({type(e).__name__}: {first}); expected "
+                           "matrix/data, indices, indptr, shape, barcodes and features/name as Space Ranger writes "
+                           "them") from None
+
+
+def _read_10x_h5(p: Path, open_h5) -> tuple[sp.csr_matrix, list[str], list[str]]:
+    import h5py
+
+    with open_h5(p) as f:
         if "matrix" in f:
             g = f["matrix"]
             need = ["data", "indices", "indptr", "shape", "barcodes", "features"]
@@ -220,6 +246,9 @@ def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
             if ids is None:
                 ids = list(names)
             ftype = ["Gene Expression"] * len(names)
+        for key in ("data", "indices", "indptr", "barcodes"):
+            if not isinstance(g[key], h5py.Dataset) or g[key].size > _MAX_H5_ENTRIES:
+                raise HevisumError(f"{p}: {g.name}/{key} is not a dataset of at most {_MAX_H5_ENTRIES} entries")
         shape = tuple(int(v) for v in g["shape"][()])
         data, indices, indptr = g["data"][()], g["indices"][()], g["indptr"][()]
         barcodes = _strs(g["barcodes"][()])
@@ -242,7 +271,7 @@ def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
 
 
 def _strs(a) -> list[str]:
-    return [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(a).ravel()]
+    return [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x) for x in np.asarray(a).ravel()]
 
 
 def load_visium(path: str | Path, *, targets: str | None = None, image: str = "auto",
@@ -277,7 +306,7 @@ def load_visium(path: str | Path, *, targets: str | None = None, image: str = "a
                   "n_in_tissue": len(pos), "n_positions": n_all, "positions_file": pos_src}
     um_per_px = None
     diam = sf.get("spot_diameter_fullres")
-    if isinstance(diam, (int, float)) and diam > 0:
+    if isinstance(diam, (int, float)) and not isinstance(diam, bool) and 0 < diam < 1e7:
         um_per_px = VISIUM_SPOT_UM / (float(diam) * scale * sx)
         meta["spot_diameter_px"] = float(diam) * scale * sx
     else:

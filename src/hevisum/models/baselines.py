@@ -282,7 +282,7 @@ class MLPHead:
         import torch
         from torch import nn
 
-        from hevisum.models.stacking import train_regressor
+        from hevisum.models.regress import train_regressor
 
         x, y = _check_xy(X, Y)
         if len(x) < 10:

@@ -20,7 +20,9 @@ Work folder (written whole or not at all)::
     stain.json          StainTarget.to_dict()
     dropped_spots.csv   slide, spot_id, x, y of the training spots dropped as invalid
     test_truth.csv      slide, ID, C1..Cn: the truth of test slides that carry it (meta['truth'])
-    qc.json             {slide: {shift_px, pitch_px, n_spots, n_valid, tissue_fraction}}
+    qc.json             {slide: {shift_px, pitch_px, n_spots, n_valid, tissue_fraction, realign}}; realign = how the
+                        shift was decided: {method, applied, proposed_px, score_before, score_after, margin,
+                        min_margin, n_edge} (see hevisum.preprocess.spots.realign)
     qc/<slide>_realign.png, qc/overview.png
     timings.json        seconds per step
 """
@@ -38,12 +40,13 @@ import pandas as pd
 
 from hevisum.config import PreprocessConfig, dump_config, load_config
 from hevisum.errors import HevisumError
-from hevisum.io.atomic import atomic_dir
+from hevisum.io.atomic import atomic_dir, check_output
 from hevisum.preprocess import qc_plots
-from hevisum.preprocess.spots import estimate_shift, invalid_spots, spot_pitch
+from hevisum.names import safe_name
+from hevisum.preprocess.spots import MIN_MARGIN, Realignment, invalid_spots, realign, spot_pitch
 from hevisum.preprocess.stain import StainTarget, fit_target, normalize, tissue_patch_pixels
 from hevisum.preprocess.targets import rank_targets
-from hevisum.preprocess.tiles import tile_side, write_tiles
+from hevisum.preprocess.tiles import TileGeometry, tile_side, write_tiles
 from hevisum.preprocess.tissue import mask_background, tissue_mask, tissue_masks, working_factor
 from hevisum.slide import Slide, check_same_targets, check_unique_ids
 
@@ -67,6 +70,7 @@ class Prepared:
     stain: StainTarget
     config: PreprocessConfig
     timings: dict = field(default_factory=dict)
+    extra_tiles: dict = field(default_factory=dict)  # geometry name -> (N, S, S, 3) uint8, tiles_<name>.npy
 
     def rows(self, split: str | None = None, slides: Sequence[str] | str | None = None) -> np.ndarray:
         """Row indices (tile order) of the spots of ``split`` and/or ``slides``."""
@@ -100,11 +104,15 @@ class Prepared:
 
 
 def preprocess(slides: Sequence[Slide], cfg: PreprocessConfig, workdir: Path, progress: bool = True,
-               stain_target: StainTarget | None = None, keep_all_spots: bool = False) -> Prepared:
+               stain_target: StainTarget | None = None, keep_all_spots: bool = False,
+               geometries: Sequence[TileGeometry] = (), force: bool = False,
+               protect: Sequence[str | Path | None] = ()) -> Prepared:
     """Run the preprocessing pipeline on ``slides`` and write ``workdir`` (see the module doc).
 
     stain_target: use this target instead of fitting one (prediction with a saved run).
     keep_all_spots: keep every spot, also training spots without tissue (prediction).
+    geometries: further tile caches (``tiles_<name>.npy``) cut in the same pass, e.g. an encoder's own field of
+    view at its microns per pixel, or a wider context; ``geometry.json`` records each slide's side in pixels.
     A failure leaves no work folder behind (and an existing one untouched).
     """
     from tqdm.auto import tqdm
@@ -113,6 +121,7 @@ def preprocess(slides: Sequence[Slide], cfg: PreprocessConfig, workdir: Path, pr
     workdir = Path(workdir)
     # ---- check everything that can be checked before any work or writing
     target_names = _check_inputs(slides, cfg, stain_target)
+    check_output(workdir, force=force, protect=protect, kind="prep")
     pitches = {s.slide_id: _pitch(s, cfg) for s in slides}
     timings = {k: 0.0 for k in STEPS}
 
@@ -145,7 +154,7 @@ def preprocess(slides: Sequence[Slide], cfg: PreprocessConfig, workdir: Path, pr
     del sharp  # only realignment needed the sharp masks
     n_tiles = sum(int(p["keep"].sum()) for p in plans)
 
-    with atomic_dir(workdir) as tmp:
+    with atomic_dir(workdir, force=force, protect=protect, kind="prep") as tmp:
         # ---- 5. normalise each slide when its tiles are due, so only one normalised image is held at a time
         thumbs: dict[str, np.ndarray] = {}
 
@@ -157,11 +166,18 @@ def preprocess(slides: Sequence[Slide], cfg: PreprocessConfig, workdir: Path, pr
                     image = mask_background(image, masks[s.slide_id], cfg.tissue.fill)
                 thumbs[s.slide_id] = qc_plots.thumbnail(image, qc_plots.thumb_step(image.shape, 500)).copy()
                 timings["normalise_mask"] += time.perf_counter() - t1
-                yield image, plan["xy"][plan["keep"]], plan["tile_px"]
+                sides = [g.side_px(plan["pitch"], s.um_per_px) for g in geometries]
+                geom_qc[s.slide_id] = {g.name: {"side_px": sd, "physical": phys} for g, (sd, phys) in
+                                       zip(geometries, sides)}
+                yield image, plan["xy"][plan["keep"]], plan["tile_px"], [sd for sd, _ in sides]
 
         t0 = time.perf_counter()
         norm_before = timings["normalise_mask"]
-        tiles = write_tiles(tmp / "tiles.npy", jobs(), n_tiles, cfg.tiles.size, progress=progress)
+        geom_qc: dict = {}
+        tiles = write_tiles(tmp / "tiles.npy", jobs(), n_tiles, cfg.tiles.size, progress=progress,
+                            extra=[(tmp / f"tiles_{g.name}.npy", g.size) for g in geometries])
+        (tmp / "geometry.json").write_text(json.dumps(
+            {"geometries": [g.as_dict() for g in geometries], "slides": geom_qc}, indent=1))
         del tiles  # reopened from the final folder below
         timings["tiling"] += time.perf_counter() - t0 - (timings["normalise_mask"] - norm_before)
 
@@ -208,7 +224,8 @@ def load_prepared(workdir: str | Path) -> Prepared:
         raise HevisumError(f"{workdir}: spots.csv ({len(spots)} rows), tiles.npy ({len(tiles)}), targets.npy "
                            f"({len(targets)}) and ranks.npy ({len(ranks)}) disagree; preprocess again")
     timings_path = workdir / "timings.json"
-    return Prepared(
+    extra = {p.stem[len("tiles_"):]: np.load(p, mmap_mode="r") for p in sorted(workdir.glob("tiles_*.npy"))}
+    return Prepared(extra_tiles=extra,
         workdir=workdir, spots=spots, tiles=tiles, targets=targets, ranks=ranks,
         target_names=list(json.loads((workdir / "target_names.json").read_text())),
         qc=json.loads((workdir / "qc.json").read_text()),
@@ -230,6 +247,12 @@ def _check_inputs(slides: list[Slide], cfg: PreprocessConfig, stain_target: Stai
         s.validate()
         if s.split == "train" and s.targets is None:
             raise HevisumError(f"{s.where()}: a training slide needs targets; mark it as a test slide instead")
+        t = s.targets
+        if s.split == "train" and t is not None and np.size(t) and float(np.max(t)) == float(np.min(t)):
+            raise HevisumError(
+                f"{s.where()}: every target of every spot is {float(np.max(t)):g}; a training slide needs targets "
+                f"that vary (if its targets are unknown, mark it as Test: --test {s.slide_id!r})"
+            )
     ids = [s.slide_id for s in slides]
     unknown = [k for k in cfg.realign.manual if k not in ids]
     if unknown:
@@ -283,13 +306,17 @@ def _plan_slide(s: Slide, mask: np.ndarray, sharp: np.ndarray | None, pitch: flo
     """Shift, realigned coordinates, validity and which spots get a tile, for one slide."""
     xy_in = s.xy
     if s.slide_id in cfg.realign.manual:
-        dx, dy = (float(v) for v in cfg.realign.manual[s.slide_id])
+        decision = Realignment.fixed(tuple(float(v) for v in cfg.realign.manual[s.slide_id]), "manual")
     elif cfg.realign.enabled:
         if sharp is None:
             sharp = realignment_mask(s.image, pitch, cfg)
-        dx, dy = estimate_shift(sharp, xy_in, pitch, cfg.realign.max_shift_pitches * pitch, cfg.realign.min_gain)
+        # applied only when it raises the on-tissue evidence by a clear margin over the unshifted grid
+        decision = realign(sharp, xy_in, pitch, cfg.realign.max_shift_pitches * pitch, image=s.image,
+                           min_margin=float(getattr(cfg.realign, "min_margin", MIN_MARGIN)),
+                           min_gain=cfg.realign.min_gain)
     else:
-        dx, dy = 0.0, 0.0
+        decision = Realignment.fixed((0.0, 0.0), "off")
+    dx, dy = decision.shift
     xy = xy_in + np.array([dx, dy])
     window = cfg.spots.window_pitches * pitch
     valid = ~invalid_spots(mask, xy, window, cfg.spots.min_tissue)
@@ -297,8 +324,8 @@ def _plan_slide(s: Slide, mask: np.ndarray, sharp: np.ndarray | None, pitch: flo
         keep = valid
     else:
         keep = np.ones(len(xy), dtype=bool)  # test spots (and prediction) keep every spot
-    return {"shift": (float(dx), float(dy)), "xy": xy, "valid": valid, "keep": keep, "pitch": pitch,
-            "tile_px": tile_side(pitch, cfg.tiles.scale)}
+    return {"shift": (float(dx), float(dy)), "realign": decision, "xy": xy, "valid": valid, "keep": keep,
+            "pitch": pitch, "tile_px": tile_side(pitch, cfg.tiles.scale)}
 
 
 def realignment_mask(image: np.ndarray, pitch: float, cfg: PreprocessConfig) -> np.ndarray:
@@ -343,7 +370,8 @@ def _tables(slides: list[Slide], plans: list[dict], masks: dict, target_names: l
         qc[s.slide_id] = {"shift_px": [float(plan["shift"][0]), float(plan["shift"][1])],
                           "pitch_px": float(plan["pitch"]), "n_spots": int(len(xy)),
                           "n_valid": int(plan["valid"].sum()),
-                          "tissue_fraction": round(float(masks[s.slide_id].mean()), 5)}
+                          "tissue_fraction": round(float(masks[s.slide_id].mean()), 5),
+                          "realign": plan["realign"].as_dict()}
     spots = pd.concat(frames, ignore_index=True)
     spots = spots[_SPOT_COLUMNS + [c for c in spots.columns if c not in _SPOT_COLUMNS]]
     targets = np.concatenate(ys) if ys else np.zeros((0, n_t), np.float32)
@@ -371,10 +399,16 @@ def _write_qc_plots(folder: Path, slides: list[Slide], plans: list[dict], masks:
     for s, plan in zip(slides, plans):
         fig, (ax,) = qc_plots.new_figure(1, ncols=1, size=6.5)
         dx, dy = plan["shift"]
+        r = plan["realign"]
+        how = r.method
+        if r.margin is not None:
+            px, py = r.proposed
+            how = (f"{'applied' if r.applied else 'not applied'}: best ({px:+.1f}, {py:+.1f}) px, evidence "
+                   f"{r.score_before:+.2f} -> {r.score_after:+.2f}, margin {r.margin:+.2f} (needs {r.min_margin:.2f})")
         qc_plots.plot_realign(ax, s.image, masks[s.slide_id], s.xy, plan["xy"],
                               title=f"{s.slide_id} ({s.split}): shift ({dx:+.1f}, {dy:+.1f}) px, "
-                                    f"pitch {plan['pitch']:.1f} px")
-        qc_plots.save_figure(fig, folder / f"{_safe(s.slide_id)}_realign.png")
+                                    f"pitch {plan['pitch']:.1f} px\n{how}")
+        qc_plots.save_figure(fig, folder / f"{safe_name(s.slide_id)}_realign.png")
     fig, axes = qc_plots.new_figure(len(slides), ncols=4)
     for ax, s, plan in zip(axes, slides, plans):
         img = thumbs[s.slide_id]
@@ -384,8 +418,3 @@ def _write_qc_plots(folder: Path, slides: list[Slide], plans: list[dict], masks:
         qc_plots.plot_slide_qc(ax, img, xy, plan["valid"], max_side=10**6,
                                title=f"{s.slide_id} ({s.split}) {len(xy)} spots, {n_bad} off tissue")
     qc_plots.save_figure(fig, folder / "overview.png")
-
-
-def _safe(name: str) -> str:
-    """A slide id usable as a file name."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

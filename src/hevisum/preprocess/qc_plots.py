@@ -1,10 +1,16 @@
-"""Quality-control plots of preprocessing. Each function draws on a Matplotlib Axes and returns it."""
+"""Quality-control plots of preprocessing. Each function draws on a Matplotlib Axes and returns it.
+
+Titles are plain text: they usually hold slide ids read from files, so a ``$`` in them is drawn as it is, never
+parsed as math (see :func:`hevisum.names.plot_text`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from hevisum.names import plot_text
 
 
 def thumb_step(shape: tuple[int, ...], max_side: int) -> int:
@@ -34,7 +40,7 @@ def plot_realign(ax, image: np.ndarray, mask: np.ndarray | None, xy_before: np.n
                marker="o", linewidths=0, label="before")
     ax.scatter((xy_after[:, 0] + 0.5) / k - 0.5, (xy_after[:, 1] + 0.5) / k - 0.5, s=size, c="#17becf",
                marker="o", linewidths=0, label="after")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(plot_text(title), fontsize=9)
     ax.set_axis_off()
     ax.legend(loc="lower right", fontsize=7, markerscale=2, framealpha=0.7)
     return ax
@@ -48,7 +54,7 @@ def plot_slide_qc(ax, image: np.ndarray, xy: np.ndarray, valid: np.ndarray, titl
     ax.scatter(p[valid, 0], p[valid, 1], s=2, c="#17becf", linewidths=0)
     if (~valid).any():
         ax.scatter(p[~valid, 0], p[~valid, 1], s=12, c="#d62728", marker="x", linewidths=0.8)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(plot_text(title), fontsize=8)
     ax.set_axis_off()
     return ax
 

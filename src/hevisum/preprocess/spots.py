@@ -18,9 +18,29 @@ a lattice (fewer than 8 spots, scattered spots) fall back to cross-correlating a
 
 Both need a tissue mask with accurate edges: the pipeline computes one with a blur of 0.05 pitch for this step
 (``RealignConfig.blur_pitches``); the main mask's blur would move the edges by a good part of a pitch.
+
+Whether to apply the shift (``realign``): the estimate above always proposes some shift, and on a slide that
+is already aligned the best of many noisy shifts still scores a little better than no shift (a spot whose
+centre sits on the tissue edge, an empty site on a frayed border). So the proposal is applied only when it
+raises the *on-tissue evidence* of the grid by a clear margin over the unshifted grid:
+
+    evidence(d) = sum over spots of e(spot + d)  -  sum over empty sites of e(site + d),
+    e(p) = tanh(signed distance from p to the tissue edge / (0.1 pitch))     (+ inside, - outside)
+
+    margin = (evidence(proposed) - evidence(0)) / (number of constraints within one pitch of the tissue edge)
+
+and the shift is applied when ``margin >= min_margin`` (default :data:`MIN_MARGIN`, 0.15). ``e`` is +-1 from
+about 0.4 pitch away from the edge and changes smoothly across it, so one spot grazing an edge counts little and
+a grid that sits clearly off the tissue counts a lot. Only the constraints near the edge are counted (those deep
+on the same side at both positions add the same to both scores), which keeps the margin comparable between a
+small section and a capture area full of tissue. Measured (``docs/reliability.md``): the published HER2ST, MOB
+and Visium slides score at most 0.10 (HER2ST C4); the same slides moved by 0.6 pitch or more score 0.23 and
+above, the demo's shifted slides 0.5 and above.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -39,6 +59,23 @@ _TAU = 2.0
 _MAX_AMBIGUOUS = 0.1
 # Shifts x points evaluated at full resolution before switching to a coarse-to-fine search.
 _FULL_SEARCH_BUDGET = 2e7
+# A proposed shift is applied only when it raises the on-tissue evidence by this margin (see the module notes).
+MIN_MARGIN = 0.15
+# Width of the evidence's transition across the tissue edge, in pitches; and the working scale of its distance
+# map (the pitch spans about this many pixels there, or the full resolution when less).
+_EVIDENCE_SOFTNESS = 0.1
+_EVIDENCE_PITCH_PX = 32.0
+# |evidence| above this is "deep inside" or "far outside" (more than ~0.4 pitch from the edge).
+_SATURATED = 0.999
+# Array imprints (see imprint_offset): disc radius and search window in pitches, the least disc-vs-ring contrast
+# (grey levels, 0..255), how many sites must agree and how closely (pitches), and the least pitch (px) at which
+# a disc can be seen at all.
+_IMPRINT_RADIUS = 0.28
+_IMPRINT_WINDOW = 0.35
+_IMPRINT_CONTRAST = 1.0
+_IMPRINT_MIN_SITES = 8
+_IMPRINT_AGREE = 0.08
+_IMPRINT_MIN_PITCH_PX = 16.0
 
 
 def spot_pitch(xy: np.ndarray) -> float:
@@ -64,14 +101,22 @@ def estimate_shift(mask: np.ndarray, xy: np.ndarray, pitch: float, max_shift: fl
     mask: boolean tissue mask ``(H, W)``; xy: ``(n, 2)`` spot centres (x = column, y = row); pitch: spot pitch
     in px; max_shift: search radius in px (each axis); min_gain: keep ``(0, 0)`` unless the best shift does
     better by at least this fraction of the number of constraints (lattice method) or of the footprint area
-    (fallback).
+    (fallback). This is the estimate alone; :func:`realign` decides whether it is worth applying.
     """
+    return _estimate(mask, xy, pitch, max_shift, min_gain)[0]
+
+
+def _estimate(mask: np.ndarray, xy: np.ndarray, pitch: float, max_shift: float,
+              min_gain: float) -> tuple[tuple[float, float], str, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(shift, method, constraint points, their weights, lattice offsets): the lattice search or the footprint
+    fallback (offsets None)."""
     xy = np.asarray(xy, dtype=np.float64)
     if max_shift <= 0 or len(xy) == 0 or not mask.any() or mask.all():
-        return 0.0, 0.0
+        return (0.0, 0.0), "none", xy, np.ones(len(xy)), None
     offsets = lattice_offsets(xy, pitch)
     if offsets is None:
-        return _estimate_shift_footprint(mask, xy, pitch, max_shift, min_gain)
+        shift = _estimate_shift_footprint(mask, xy, pitch, max_shift, min_gain)
+        return shift, "footprint", xy, np.ones(len(xy)), None
     empty = empty_sites(xy, pitch, offsets)
     points = np.concatenate([xy, empty])
     weights = np.concatenate([np.ones(len(xy)), -np.ones(len(empty))])
@@ -95,8 +140,189 @@ def estimate_shift(mask: np.ndarray, xy: np.ndarray, pitch: float, max_shift: fl
     # prefer no shift when the gain is within noise (a well-aligned slide stays as it is)
     zero = float(_point_scores(mask, points, weights, (0, 0), 0)[0, 0])
     if float(fine.max()) - zero <= min_gain * len(points):
-        return 0.0, 0.0
-    return float(np.clip(dx, -max_shift, max_shift)), float(np.clip(dy, -max_shift, max_shift))
+        return (0.0, 0.0), "lattice", points, weights, offsets
+    shift = (float(np.clip(dx, -max_shift, max_shift)), float(np.clip(dy, -max_shift, max_shift)))
+    return shift, "lattice", points, weights, offsets
+
+
+@dataclass(frozen=True)
+class Realignment:
+    """What :func:`realign` found for one slide, and whether it moved the spots.
+
+    shift: the ``(dx, dy)`` applied to every spot centre, pixels (``(0, 0)`` when not applied).
+    proposed: the best shift found (applied or not): the tissue search, refined by the array's imprints when
+        they are visible (``n_imprints`` > 0).
+    score_before, score_after: on-tissue evidence of the unshifted grid and of the grid moved by ``proposed``,
+        per constraint near the tissue edge (each in [-1, 1]; see the module notes).
+    margin: ``score_after - score_before``; the shift is applied when ``margin >= min_margin``.
+    method: ``lattice``, ``footprint`` (scattered spots), ``none`` (nothing to search: no tissue, all tissue,
+        an empty window), ``manual`` (set in the config) or ``off`` (realignment disabled).
+    n_edge: constraints near the tissue edge (the denominator of the scores).
+    n_imprints: array-spot imprints on the glass that agreed on the refinement (0: none used).
+    """
+
+    shift: tuple[float, float]
+    proposed: tuple[float, float]
+    score_before: float | None
+    score_after: float | None
+    margin: float | None
+    min_margin: float | None
+    applied: bool
+    method: str
+    n_edge: int = 0
+    n_imprints: int = 0
+
+    @classmethod
+    def fixed(cls, shift: tuple[float, float], method: str) -> "Realignment":
+        """A shift that was not searched for (``manual``) or no realignment at all (``off``)."""
+        shift = (float(shift[0]), float(shift[1]))
+        return cls(shift=shift, proposed=shift, score_before=None, score_after=None, margin=None, min_margin=None,
+                   applied=shift != (0.0, 0.0), method=method)
+
+    def as_dict(self) -> dict:
+        """The qc.json record (plain JSON types; scores rounded to 5 decimals)."""
+        def r(v):
+            return None if v is None else round(float(v), 5)
+
+        return {"method": self.method, "applied": bool(self.applied),
+                "proposed_px": [r(self.proposed[0]), r(self.proposed[1])],
+                "score_before": r(self.score_before), "score_after": r(self.score_after),
+                "margin": r(self.margin), "min_margin": r(self.min_margin), "n_edge": int(self.n_edge),
+                "n_imprints": int(self.n_imprints)}
+
+
+def realign(mask: np.ndarray, xy: np.ndarray, pitch: float, max_shift: float, min_margin: float = MIN_MARGIN,
+            min_gain: float = 0.01, image: np.ndarray | None = None) -> Realignment:
+    """Search the shift that puts the spot grid on the tissue, and apply it only when it clearly helps.
+
+    The proposal is :func:`estimate_shift`'s; with the slide's ``image``, it is then refined by the spot
+    array's imprints on the glass around the grid when enough of them are visible and agree
+    (:func:`imprint_offset`). It is applied when it raises the on-tissue evidence by at least ``min_margin``
+    over the unshifted grid (module notes). A slide that is already aligned keeps ``(0, 0)`` even when a
+    slightly different position scores a little better.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    proposed, method, points, weights, offsets = _estimate(mask, xy, pitch, max_shift, min_gain)
+    if method == "none" or len(points) == 0:
+        return Realignment(shift=(0.0, 0.0), proposed=proposed, score_before=None, score_after=None, margin=None,
+                           min_margin=float(min_margin), applied=False, method="none")
+    n_imprints = 0
+    if image is not None and offsets is not None:
+        found = imprint_offset(image, mask, xy + np.asarray(proposed), pitch, offsets)
+        if found is not None:
+            (ox, oy), n_imprints = found
+            proposed = (float(np.clip(proposed[0] + ox, -max_shift, max_shift)),
+                        float(np.clip(proposed[1] + oy, -max_shift, max_shift)))
+    evidence, k = tissue_evidence(mask, pitch)
+    d = np.asarray(proposed, dtype=np.float64)
+    before = _sample(evidence, (points + 0.5) / k - 0.5)
+    after = _sample(evidence, (points + d + 0.5) / k - 0.5)
+    # the constraints that count: all but those deep on the same side (tissue or not) at both positions, which
+    # add the same to both scores
+    same = ((before > _SATURATED) & (after > _SATURATED)) | ((before < -_SATURATED) & (after < -_SATURATED))
+    near = ~same
+    n_edge = int(near.sum())
+    denom = max(n_edge, 1)
+    sb = float((weights * before)[near].sum() / denom)
+    sa = float((weights * after)[near].sum() / denom)
+    margin = sa - sb
+    applied = proposed != (0.0, 0.0) and margin >= min_margin
+    return Realignment(shift=proposed if applied else (0.0, 0.0), proposed=proposed, score_before=sb,
+                       score_after=sa, margin=margin, min_margin=float(min_margin), applied=bool(applied),
+                       method=method, n_edge=n_edge, n_imprints=n_imprints)
+
+
+def imprint_offset(image: np.ndarray, mask: np.ndarray, xy: np.ndarray, pitch: float,
+                   offsets: np.ndarray) -> tuple[tuple[float, float], int] | None:
+    """``((dx, dy), n)``: how far the array's spot imprints on the glass lie from the lattice sites around the
+    grid ``xy``, or None when they are not visible.
+
+    Legacy ST arrays leave every printed spot as a faint grey disc on the glass, also where no tissue lies.
+    The lattice sites one and two steps beyond the grid that lie well off the tissue are each searched, within
+    :data:`_IMPRINT_WINDOW` pitch, for the spot-sized disc that is darkest against its surrounding ring. When at
+    least :data:`_IMPRINT_MIN_SITES` sites (and half of those searched) find one at the same offset (within
+    :data:`_IMPRINT_AGREE` pitch), that common offset is the remaining error of the grid: the imprints fix
+    the grid's position to a pixel or two where the tissue outline alone leaves a tenth of a pitch or more.
+    """
+    if pitch < _IMPRINT_MIN_PITCH_PX:
+        return None
+    xy = np.asarray(xy, dtype=np.float64)
+    ring1 = empty_sites(xy, pitch, offsets)
+    ring2 = empty_sites(np.concatenate([xy, ring1]), pitch, offsets) if len(ring1) else ring1
+    sites = np.concatenate([ring1, ring2])
+    if len(sites) < _IMPRINT_MIN_SITES:
+        return None
+    r_disc = _IMPRINT_RADIUS * pitch
+    rk = int(np.ceil(0.5 * pitch))
+    yy, xx = np.mgrid[-rk:rk + 1, -rk:rk + 1]
+    rr = np.hypot(yy, xx)
+    disc, ring = rr <= r_disc, (rr > r_disc + 1) & (rr <= 0.5 * pitch)
+    if disc.sum() < 4 or ring.sum() < 4:
+        return None
+    kernel = ring / ring.sum() - disc / disc.sum()  # > 0 where the disc is darker than its ring
+    win = int(np.ceil(_IMPRINT_WINDOW * pitch))
+    clear = int(np.ceil(0.1 * pitch))  # no tissue under any disc or ring searched, nor this close to them
+    h, w = mask.shape
+    found = []
+    for sx, sy in sites:
+        cx, cy = int(round(sx)), int(round(sy))
+        y0, y1, x0, x1 = cy - win - rk, cy + win + rk + 1, cx - win - rk, cx + win + rk + 1
+        if y0 - clear < 0 or x0 - clear < 0 or y1 + clear > h or x1 + clear > w:
+            continue
+        if mask[y0 - clear:y1 + clear, x0 - clear:x1 + clear].any():
+            continue
+        grey = image[y0:y1, x0:x1].astype(np.float32).mean(axis=2) if image.ndim == 3 else \
+            image[y0:y1, x0:x1].astype(np.float32)
+        resp = fftconvolve(grey, kernel[::-1, ::-1], mode="valid")  # (2 win + 1)^2 candidate centres
+        iy, ix = np.unravel_index(int(np.argmax(resp)), resp.shape)
+        on_border = iy in (0, resp.shape[0] - 1) or ix in (0, resp.shape[1] - 1)
+        if on_border or float(resp[iy, ix] - np.median(resp)) < _IMPRINT_CONTRAST:
+            found.append(None)
+            continue
+        found.append((ix - win + cx - sx, iy - win + cy - sy))
+    hits = np.array([f for f in found if f is not None], dtype=np.float64).reshape(-1, 2)
+    if len(hits) < _IMPRINT_MIN_SITES:
+        return None
+    # the offset most others agree with
+    dist = np.hypot(hits[:, None, 0] - hits[None, :, 0], hits[:, None, 1] - hits[None, :, 1])
+    agree = dist < _IMPRINT_AGREE * pitch
+    best = int(np.argmax(agree.sum(axis=1)))
+    inliers = agree[best]
+    n = int(inliers.sum())
+    if n < _IMPRINT_MIN_SITES or n < 0.5 * len(found):
+        return None
+    dx, dy = hits[inliers].mean(axis=0)
+    return (float(dx), float(dy)), n
+
+
+def tissue_evidence(mask: np.ndarray, pitch: float) -> tuple[np.ndarray, int]:
+    """``(e, k)``: the on-tissue evidence ``tanh(signed distance to the edge / (0.1 pitch))`` on blocks of
+    ``k`` x ``k`` pixels (``k`` brings the pitch to about 32 px; 1 for small pitches). Point ``p`` (image px)
+    lies at ``(p + 0.5) / k - 0.5`` in it."""
+    k = max(1, int(pitch // _EVIDENCE_PITCH_PX))
+    m = _block_mean(mask, k) >= 0.5 if k > 1 else np.asarray(mask, dtype=bool)
+    if not m.any():
+        return -np.ones(m.shape), k
+    if m.all():
+        return np.ones(m.shape), k
+    inside = ndi.distance_transform_edt(m)
+    outside = ndi.distance_transform_edt(~m)
+    signed = np.where(m, inside - 0.5, 0.5 - outside) * k
+    return np.tanh(signed / (_EVIDENCE_SOFTNESS * pitch)), k
+
+
+def _sample(m: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Bilinear samples of the float map ``m`` at ``points`` (x, y); outside the map counts as -1."""
+    h, w = m.shape
+    fr, fc = np.floor(points[:, 1]), np.floor(points[:, 0])
+    ar, ac = points[:, 1] - fr, points[:, 0] - fc
+    rows, cols = fr.astype(np.int64), fc.astype(np.int64)
+    out = np.zeros(len(points))
+    for oy, ox, wt in ((0, 0, (1 - ar) * (1 - ac)), (0, 1, (1 - ar) * ac), (1, 0, ar * (1 - ac)), (1, 1, ar * ac)):
+        r, c = rows + oy, cols + ox
+        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        out += np.where(inside, m[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)], -1.0) * wt
+    return out
 
 
 def lattice_offsets(xy: np.ndarray, pitch: float) -> np.ndarray | None:

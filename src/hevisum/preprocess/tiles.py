@@ -8,10 +8,36 @@ subtiles the model uses are slices of the tile (:func:`subtiles`), not stored se
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """An extra tile cache beside the spot tiles: a field of view around every spot and an output size.
+
+    ``scale``: the side is ``scale`` x the slide's spot pitch (a wider context, say); ``fov_um``: the side is
+    ``fov_um`` microns, cut at the slide's microns per pixel (an encoder's own scale). A slide without a known
+    microns per pixel falls back to ``fallback_scale`` x pitch (recorded in qc.json).
+    """
+
+    name: str
+    size: int
+    scale: float = 0.0
+    fov_um: float = 0.0
+    fallback_scale: float = 3.0
+
+    def side_px(self, pitch: float, um_per_px: float | None) -> tuple[int, bool]:
+        """(side in slide pixels, True when the physical field of view was used)."""
+        if self.fov_um > 0 and um_per_px:
+            return max(1, int(round(self.fov_um / float(um_per_px)))), True
+        return tile_side(pitch, self.scale if self.scale > 0 else self.fallback_scale), False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def tile_side(pitch: float, scale: float) -> int:
@@ -41,29 +67,37 @@ def extract_tiles(image: np.ndarray, xy: np.ndarray, side: int, size: int) -> np
     return out
 
 
-def write_tiles(path: Path, jobs: Iterable[tuple[np.ndarray, np.ndarray, int]], n_tiles: int, size: int,
-                progress: bool = False, chunk: int = 256) -> np.memmap:
+def write_tiles(path: Path, jobs: Iterable[tuple], n_tiles: int, size: int, progress: bool = False,
+                chunk: int = 256, extra: list[tuple[Path, int]] | None = None) -> np.memmap:
     """Write every tile into one ``.npy`` array ``(n_tiles, size, size, 3)`` uint8, batch by batch.
 
-    jobs: ``(image, xy, side)`` per slide, in tile order; together they must hold exactly ``n_tiles`` spots.
-    The file is memory-mapped while written, so only one batch of tiles is in memory at a time.
-    Returns the array opened read-only (``np.load(path, mmap_mode="r")``).
+    jobs: ``(image, xy, side)`` per slide, in tile order, plus a fourth item (one side per ``extra`` cache) when
+    ``extra`` lists further caches ``(path, size)`` to fill in the same pass over each image; together the jobs
+    must hold exactly ``n_tiles`` spots. The files are memory-mapped while written, so only one batch of tiles is
+    in memory at a time. Returns the main array opened read-only (``np.load(path, mmap_mode="r")``).
     """
     from tqdm.auto import tqdm
 
+    extra = list(extra or [])
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_tiles, size, size, 3))
+    more = [np.lib.format.open_memmap(p, mode="w+", dtype=np.uint8, shape=(n_tiles, sz, sz, 3)) for p, sz in extra]
     row = 0
     with tqdm(total=n_tiles, desc="tiles", unit="tile", disable=not progress) as bar:
-        for image, xy, side in jobs:
+        for job in jobs:
+            image, xy, side = job[:3]
+            sides = job[3] if len(job) > 3 else []
             for s0 in range(0, len(xy), chunk):
                 batch = extract_tiles(image, xy[s0:s0 + chunk], side, size)
                 arr[row:row + len(batch)] = batch
+                for m, (_, sz), sd in zip(more, extra, sides):
+                    m[row:row + len(batch)] = extract_tiles(image, xy[s0:s0 + chunk], sd, sz)
                 row += len(batch)
                 bar.update(len(batch))
     if row != n_tiles:
         raise RuntimeError(f"wrote {row} tiles but the array holds {n_tiles}")  # internal invariant
-    arr.flush()
-    del arr
+    for a in (arr, *more):
+        a.flush()
+    del arr, more
     return np.load(path, mmap_mode="r")
 
 

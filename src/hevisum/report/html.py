@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from hevisum.io.atomic import atomic_write_text
+from hevisum.methods import baseline_names
 
 
 def _fig_path(folder: Path, name: str) -> Path:
@@ -32,9 +33,9 @@ def _top_variable_targets(Y: np.ndarray, k: int = 3) -> list[int]:
     return list(np.argsort(-np.nanstd(Y, axis=0))[:k])
 
 
-def write_report(folder: Path, prep, metrics: dict, results: list, folds, test_preds: dict, target_names: list[str],
-                 n_maps: int = 3) -> Path:
-    """Write figures and report.html into ``folder``; returns the HTML path."""
+def write_report(folder: Path, result, n_maps: int = 3) -> Path:
+    """Write figures and report.html into ``folder`` for a :class:`hevisum.pipeline.RunResult`; returns the
+    HTML path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,25 +43,31 @@ def write_report(folder: Path, prep, metrics: dict, results: list, folds, test_p
 
     from hevisum.report import plots
 
+    from hevisum.names import html_text, plot_text, safe_name
+
+    prep, metrics, folds = result.prep, result.metrics, result.cv.folds
+    results, target_names = result.cv.results, result.targets.names
+    baselines = [b for b in baseline_names() if b in metrics["methods"]]
     figs: list[tuple[str, str]] = []
     summaries = metrics["methods"]
     test = metrics.get("test")
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(summaries)), 4))
-    plots.methods_bar(ax, summaries, test)
+    plots.methods_bar(ax, summaries, test, baselines=baselines)
     figs.append(("Methods beside the baselines", _save(fig, _fig_path(folder, "methods.png"))))
 
     best = metrics["selected"]
     pt = summaries[best]["cv"]["per_target"]
-    other = summaries.get("colour-ridge", {}).get("cv", {}).get("per_target")
+    ref = max(baselines, key=lambda b: summaries[b]["cv_spot_spearman"] or -1) if baselines else best
+    other = summaries.get(ref, {}).get("cv", {}).get("per_target")
     fig, ax = plt.subplots(figsize=(7, max(4, 0.18 * len(pt))))
-    plots.per_target_bars(ax, pt, other, label=best, other_label="colour-ridge")
+    plots.per_target_bars(ax, pt, other, label=best, other_label=ref)
     figs.append((f"Per-target Pearson of {best} (cross-validation)", _save(fig, _fig_path(folder, "per_target.png"))))
 
     logs = {}
     for r in results:
         for fm, held in zip(r.models, folds.slide_ids):
             if fm.log is not None and len(fm.log):
-                logs[f"{r.name} fold {held}"] = fm.log
+                logs[plot_text(f"{r.name} fold {held}")] = fm.log
     if logs:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         plots.loss_curves(a1, a2, logs)
@@ -85,17 +92,19 @@ def write_report(folder: Path, prep, metrics: dict, results: list, folds, test_p
 
             true_r = rankdata(Y[m, t]) / m.sum()
             pred_r = rankdata(oof_best[m, t]) / m.sum()
-            plots.spatial_map(axes[0, j], None, xy, true_r, f"true {target_names[t][:24]} (rank)", 0, 1)
-            plots.spatial_map(axes[1, j], None, xy, pred_r, f"predicted ({best})", 0, 1)
-        fig.suptitle(f"held-out slide {held}")
-        figs.append((f"Spatial maps, held-out slide {held}", _save(fig, _fig_path(folder, f"map_{held}.png"))))
+            plots.spatial_map(axes[0, j], None, xy, true_r, plot_text(f"true {target_names[t][:24]} (rank)"), 0, 1)
+            plots.spatial_map(axes[1, j], None, xy, pred_r, plot_text(f"predicted ({best})"), 0, 1)
+        fig.suptitle(plot_text(f"held-out slide {held}"))
+        figs.append((f"Spatial maps, held-out slide {held}",
+                     _save(fig, _fig_path(folder, f"map_{safe_name(held)}.png"))))
 
     qc_png = prep.workdir / "qc" / "overview.png"
     rows_html = []
     for name, s in summaries.items():
         t = (test or {}).get(name, {}).get("overall", {})
         rows_html.append(
-            f"<tr{' class=sel' if name == best else ''}><td>{html.escape(name)}</td>"
+            f"<tr{' class=sel' if name == best else ''}><td>{html.escape(name)}"
+            f"{' (baseline)' if name in baselines else ''}</td>"
             f"<td>{_fmt(s['cv_spot_spearman'])}</td><td>{_fmt(s['cv_fold_mean'])}</td>"
             f"<td>{_fmt(s['cv_target_pearson_mean'])}</td>"
             f"<td>{_fmt(t.get('spot_spearman'))}</td><td>{_fmt(t.get('target_pearson_mean'))}</td></tr>"
@@ -108,6 +117,7 @@ def write_report(folder: Path, prep, metrics: dict, results: list, folds, test_p
         f"{metrics['seconds']:.0f} s. Selected by cross-validation: <b>{html.escape(best)}</b>.</p>",
         "<p>Cross-validation scores are computed on out-of-fold predictions (each spot predicted by the model "
         "that never saw its slide); the stacker is scored by a nested leave-one-slide-out over those.</p>",
+        *[f"<p class=warn>Warning: {html_text(w)}</p>" for w in metrics.get("selection", {}).get("warnings", [])],
         "<table><tr><th>method</th><th>CV per-spot Spearman</th><th>mean over folds</th>"
         "<th>CV per-target Pearson</th><th>test per-spot Spearman</th><th>test per-target Pearson</th></tr>",
         *rows_html,
@@ -120,7 +130,7 @@ def write_report(folder: Path, prep, metrics: dict, results: list, folds, test_p
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>hevisum report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-            "td:first-child{text-align:left}tr.sel{background:#eef4ff;font-weight:bold}img{max-width:100%}"
+            "td:first-child{text-align:left}.warn{color:#a00;font-weight:bold}tr.sel{background:#eef4ff;font-weight:bold}img{max-width:100%}"
             "</style></head><body>" + "\n".join(body) + "</body></html>")
     out = folder / "report.html"
     atomic_write_text(out, page)

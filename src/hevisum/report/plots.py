@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def methods_bar(ax, summaries: dict, test: dict | None = None, baselines=("mean", "colour-ridge")):
+def methods_bar(ax, summaries: dict, test: dict | None = None, baselines=()):
     """Cross-validated per-spot Spearman per method (bars), folds as dots, test score as a diamond."""
     names = list(summaries)
     cv = [summaries[n]["cv_spot_spearman"] or np.nan for n in names]
