@@ -678,11 +678,15 @@ NOTEBOOKS["07_loso_training"] = [
         Spearman estimates the score on a new slide. The fold models also predict the test slide; the rank-average
         of their predictions is the test prediction.
 
+        Every method is a class in one registry, `hevisum.methods`: `get_method(name)` finds it, `method_names()`
+        lists them. A method declares the per-tile features it reads, fits on training rows and predicts any rows.
         Methods compared here:
         * `mean`: the training mean profile for every spot, the floor any model must beat;
         * `colour-ridge`: ridge regression on colour, stain and texture statistics of the tile (no network);
-        * `effnet-ridge`: ridge on the features of a frozen, ImageNet-pretrained EfficientNet-Lite0 (the fast
-          profile of `hevisum run`). Features are computed once per tile and cached.
+        * `encoder-ridge`: ridge on the features of a frozen, ImageNet-pretrained EfficientNet-Lite0 (the mean and
+          standard deviation of every stage's output beside its final embedding) plus the colour statistics of
+          `colour-ridge`. The fast profile of `hevisum run` runs it beside `encoder-mlp`. Features are computed
+          once per tile and cached.
 
         At the end, a few epochs of the reference CNN on one fold, on a subset of spots, to show its training loop.
     '''),
@@ -696,36 +700,85 @@ NOTEBOOKS["07_loso_training"] = [
         cfg = load_run_config(profile="fast", seed=0)  # the defaults of `hevisum run`
         prep = preprocess(slides, cfg.preprocess_config(), WORK / "prep", progress=False)
         print(prep.summary())
-        folds = make_folds(prep.spots)
+        folds = make_folds(prep.spots, seed=cfg.seed)
         Y_raw = np.asarray(prep.targets)  # what the score compares with
         Y_fit = fit_targets(Y_raw, prep.ranks, cfg)  # what the models are fitted to: per-spot ranks scaled to 0..1
         pd.Series(folds.slides).value_counts(sort=False).rename("training spots").to_frame()
     '''),
+    md('''
+        The registry: every method `hevisum run` can cross-validate, what it reads (feature blocks, the tiles
+        themselves, or nothing) and whether it is a baseline that every run reports.
+    '''),
+    code('''
+        from hevisum.methods import baseline_names, get_method, method_names
+
+
+        def reads(name):
+            cls = get_method(name)
+            return "tiles" if cls.uses_tiles else " + ".join(f.label() for f in cls(cfg).features()) or "-"
+
+
+        pd.DataFrame([{"method": n, "baseline": n in baseline_names(), "reads": reads(n),
+                       "what it is": get_method(n).summary} for n in method_names()]).set_index("method")
+    '''),
+    md('''
+        Cross-validation of each method, as `hevisum run` does it. `feature_store` computes the feature blocks a
+        method declares once per tile (cached in the work folder) and `for_method` puts them side by side;
+        `cross_validate_method` fits one model per fold and saves it to its folder as it goes. The predictions are
+        then smoothed over neighbouring spots of the same slide (`[smoothing]`, on by default) and scored.
+    '''),
     code('''
         from hevisum.cv import cross_validate_method, summarise
-        from hevisum.pipeline import get_method_features
+        from hevisum.methods import FitContext
+        from hevisum.names import safe_name
+        from hevisum.pipeline import feature_store
+        from hevisum.postprocess import smooth_rows
+
+        METHODS = [*baseline_names(), "encoder-ridge"]  # mean, colour-ridge, then the frozen encoder + ridge
+        store = feature_store(prep, cfg, "cpu", False)
+        # what a method may use besides its features: tiles and targets of every row (tile models), device, seed
+        ctx = FitContext(cfg=cfg, tiles=prep.tiles, Y_fit=Y_fit, Y_raw=Y_raw, device="cpu", seed=cfg.seed)
+        Yr, Yf = Y_raw[folds.train_rows], Y_fit[folds.train_rows]  # the training rows, in OOF order
+
+
+        def fold_dir(name, held):
+            return WORK / "models" / name / f"fold_{safe_name(held)}"  # the run folder's layout
+
 
         results, summaries, features = {}, {}, {}
-        for name in ["mean", "colour-ridge", "effnet-ridge"]:
-            features[name] = get_method_features(name, prep, cfg, device="cpu", progress=False)  # None for mean
-            results[name] = cross_validate_method(name, folds, Y_fit, Y_raw, cfg, features=features[name],
-                                                  seed=cfg.seed)
-            summaries[name] = summarise(name, results[name].oof, Y_raw[folds.train_rows], results[name].fold_scores,
-                                        prep.target_names)
+        for name in METHODS:
+            features[name] = store.for_method(get_method(name)(cfg))  # (tiles, features); None for mean
+            r = cross_validate_method(name, folds, Y_fit, cfg, ctx, features=features[name],
+                                      fold_dir=lambda held, n=name: fold_dir(n, held), target_names=prep.target_names)
+            r.oof = smooth_rows(r.oof, folds.train_rows, prep.spots, cfg)
+            r.test_folds = [smooth_rows(p, folds.test_rows, prep.spots, cfg) for p in r.test_folds]
+            results[name], summaries[name] = r, summarise(name, r.oof, Yr, folds.slides, prep.target_names, Yf)
+            print(f"{name}: features {'none' if features[name] is None else features[name].shape}")
         scores = pd.DataFrame({n: {**s["cv_fold_spot_spearman"], "all OOF spots": s["cv_spot_spearman"]}
                                for n, s in summaries.items()})
         scores.index.name = "held-out slide"
         scores.round(3)
     '''),
     md('''
-        Every OOF prediction comes from the one fold model that did not train on that spot's slide:
+        Every OOF prediction comes from the one fold model that did not train on that spot's slide. The fold models
+        were saved as `hevisum run` saves them (`model.safetensors` + `model.json` in `models/<method>/fold_<slide>/`),
+        and each describes itself: `load_model` reads one back with the slides it was trained on and its
+        parameters (for the ridge heads, the penalty chosen by leave-one-slide-out inside the fold).
     '''),
     code('''
-        r = results["effnet-ridge"]
+        from hevisum.methods import load_model
+
+        r = results["encoder-ridge"]
         assert not np.isnan(r.oof).any()  # each training spot got its one out-of-fold prediction
-        assert all(held not in fm.train_slides for fm, held in zip(r.models, folds.slide_ids))
+        saved = [load_model(fold_dir("encoder-ridge", held)) for held in folds.slide_ids]
+        assert all(held not in m.train_slides for m, held in zip(saved, folds.slide_ids))
+        # the saved model predicts exactly what the fitted one did
+        rows = folds.train_rows[folds.split(folds.slide_ids[0])[1]]
+        X = features["encoder-ridge"][rows]
+        assert np.allclose(saved[0].method.predict(X, rows=rows, ctx=ctx), r.models[0].predict(X, rows=rows, ctx=ctx))
         pd.DataFrame({"held-out slide": folds.slide_ids,
-                      "fold model trained on": [", ".join(fm.train_slides) for fm in r.models]}).set_index("held-out slide")
+                      "fold model trained on": [", ".join(m.train_slides) for m in saved],
+                      "ridge penalty": [m.method.params["alpha"] for m in saved]}).set_index("held-out slide")
     '''),
     md('''
         Cross-validated scores (bars, dots = held-out slides) beside the test slide's score (diamond) when its truth
@@ -734,7 +787,7 @@ NOTEBOOKS["07_loso_training"] = [
     '''),
     code('''
         from hevisum.metrics import evaluate_frames
-        from hevisum.predict import prediction_frame
+        from hevisum.outputs import prediction_frame
         from hevisum.report.plots import methods_bar
 
         test = None
@@ -743,7 +796,7 @@ NOTEBOOKS["07_loso_training"] = [
             test_spots = prep.spots.iloc[folds.test_rows]
             test = {n: evaluate_frames(prediction_frame(test_spots, r.test_ensemble), truth) for n, r in results.items()}
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        methods_bar(ax, summaries, test)
+        methods_bar(ax, summaries, test, baselines=baseline_names())
         fig.tight_layout()
     '''),
     code('''
@@ -757,18 +810,20 @@ NOTEBOOKS["07_loso_training"] = [
         j = int(np.argmax(Y_raw[folds.train_rows].std(axis=0)))
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
         spatial_map(axes[0], None, xy, rankdata(Y_raw[folds.train_rows[m], j]) / m.sum(), f"{held}: true {prep.target_names[j]}", 0, 1)
-        for ax, name in zip(axes[1:], ["colour-ridge", "effnet-ridge"]):
+        for ax, name in zip(axes[1:], ["colour-ridge", "encoder-ridge"]):
             spatial_map(ax, None, xy, rankdata(results[name].oof[m, j]) / m.sum(), f"out-of-fold {name}", 0, 1)
         fig.tight_layout()
     '''),
     md('''
         ### The reference CNN, briefly
 
-        `VisionMLP_MultiTask` (tile, subtile and centre-subtile branches, about 6.7 M parameters) trained with the
-        reference's recipe: AdamW, cosine decay, the hybrid MSE / Pearson loss on rank targets, early stopping on the
-        per-spot Spearman of an inner validation split (never the held-out slide). Here: one fold, two epochs of a
-        160-spot subset each, enough to see the loop work, far too little to judge the model (expect a score below the
-        ridge heads). `hevisum run --profile reference` trains it properly (30 epochs, every fold; a GPU helps).
+        `hevisum-cnn` is the reference's `VisionMLP_MultiTask` (tile, subtile and centre-subtile branches, about
+        6.7 M parameters). It reads the tiles rather than features, and its `fit` follows the reference's recipe:
+        AdamW, cosine decay, the hybrid MSE / Pearson loss on rank targets, early stopping on the per-spot Spearman
+        of an inner validation split of the fitting spots (`hevisum.training.inner_validation`, never the held-out
+        slide); the per-epoch log ends up in `method.log`. Here: one fold, two epochs of a 160-spot subset each,
+        enough to see the loop work, far too little to judge the model (expect a score below the ridge heads).
+        `hevisum run --profile reference` trains it properly (30 epochs, every fold; a GPU helps).
     '''),
     code('''
         TRAIN_CNN = True  # set to False to skip (about 10-20 s on a 2-core CPU)
@@ -777,35 +832,36 @@ NOTEBOOKS["07_loso_training"] = [
         if TRAIN_CNN:
             from dataclasses import replace
 
-            from hevisum.cv import inner_validation
             from hevisum.metrics import mean_spot_spearman
-            from hevisum.methods import build_network
+            from hevisum.models import create_model
             from hevisum.report.plots import loss_curves
-            from hevisum.training import predict_tiles, train_tile_model
+            from hevisum.training import inner_validation
 
-            tcfg = replace(cfg.train, epochs=2, max_spots_per_epoch=160, num_workers=0)
+            short = replace(cfg, train=replace(cfg.train, epochs=2, max_spots_per_epoch=160, num_workers=0))
             held = folds.slide_ids[0]
             fit_mask, held_mask = folds.split(held)
             fit_rows, held_rows = folds.train_rows[fit_mask], folds.train_rows[held_mask]
-            val = inner_validation(len(fit_rows), seed=cfg.seed)  # early stopping watches these, not the held-out slide
-            net = build_network("hevisum-cnn", len(prep.target_names))
-            print(f"{sum(p.numel() for p in net.parameters()):,} parameters")
-            res = train_tile_model(net, prep.tiles, fit_rows[~val], fit_rows[val], Y_fit, Y_raw[fit_rows[val]], tcfg,
-                                   seed=cfg.seed)
-            cnn = mean_spot_spearman(predict_tiles(net, prep.tiles, held_rows), Y_raw[held_rows])
-            print(f"held-out {held}: CNN after {len(res.log)} short epochs {cnn:.3f}; "
-                  f"effnet-ridge {summaries['effnet-ridge']['cv_fold_spot_spearman'][held]:.3f}; "
+            print(f"{sum(p.numel() for p in create_model('hevisum-cnn', Y_fit.shape[1]).parameters()):,} parameters; "
+                  f"early stopping watches {int(inner_validation(len(fit_rows), ctx.seed).sum())} "
+                  f"of the {len(fit_rows)} fitting spots")
+            cnn = get_method("hevisum-cnn")(short).fit(None, Y_fit[fit_rows], rows=fit_rows,
+                                                       groups=folds.slides[fit_mask], ctx=ctx)
+            pred = smooth_rows(cnn.predict(None, rows=held_rows, ctx=ctx), held_rows, prep.spots, cfg)
+            print(f"held-out {held}: CNN after {len(cnn.log)} short epochs {mean_spot_spearman(pred, Y_raw[held_rows]):.3f}; "
+                  f"encoder-ridge {summaries['encoder-ridge']['cv_fold_spot_spearman'][held]:.3f}; "
                   f"mean profile {summaries['mean']['cv_fold_spot_spearman'][held]:.3f}")
             fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
-            loss_curves(a1, a2, {f"fold {held}": res.log})
+            loss_curves(a1, a2, {f"fold {held}": cnn.log})
             fig.tight_layout()
     '''),
     md('''
-        **In the pipeline**: `[models] methods = ["effnet-ridge", "effnet-mlp"]` (the baselines `mean` and
-        `colour-ridge` always run too), `encoder_input = 112`; `[train]` holds epochs, batch size, learning rate, loss,
-        augmentation and test-time augmentation for the tile models (`hevisum-cnn`, `effnet-finetune`).
-        `hevisum run` saves every fold model under `models/<method>/fold_<slide>/` and the OOF predictions as
-        `oof_<method>.csv`.
+        **In the pipeline**: `[models] methods = ["encoder-ridge", "encoder-mlp"]` (the fast profile's choice when
+        the list is empty; the baselines `mean` and `colour-ridge` always run too; `hevisum methods` lists every
+        registered method, among them `encoder-probe`, the HEST-Benchmark probe: PCA to 256 components + ridge).
+        `[encoder]` names the frozen encoder and `input_px = 112`, the side it sees; `[smoothing]` the neighbour
+        smoothing; `[train]` holds epochs, batch size, learning rate, loss, augmentation and test-time augmentation
+        for the tile models (`hevisum-cnn`, `effnet-finetune`). `hevisum run` saves every fold model under
+        `models/<method>/fold_<slide>/` and the OOF predictions as `oof_<method>.csv`.
     '''),
 ]
 
@@ -825,38 +881,50 @@ NOTEBOOKS["08_stacking"] = [
     '''),
     DATA_CELL,
     setup_cell("nb08", SMALL_SPEC, SMALL_ABOUT),
+    md('''
+        First the methods of 07, cross-validated leave-one-slide-out. The neighbour smoothing of 07 (which
+        `hevisum run` applies) is switched off here, so that both stackers below combine the models' own predictions
+        and differ only in the leak.
+    '''),
     code('''
         from hevisum.config import load_run_config
         from hevisum.cv import cross_validate_method, fit_targets, make_folds
-        from hevisum.pipeline import get_method_features
+        from hevisum.methods import FitContext, baseline_names, get_method
+        from hevisum.pipeline import feature_store
         from hevisum.preprocess import preprocess
 
-        cfg = load_run_config(profile="fast", seed=0)
+        cfg = load_run_config(profile="fast", seed=0, overrides={"smoothing": {"enabled": False}})
         prep = preprocess(slides, cfg.preprocess_config(), WORK / "prep", progress=False)
-        folds = make_folds(prep.spots)
+        folds = make_folds(prep.spots, seed=cfg.seed)
         Y_raw = np.asarray(prep.targets)
         Y_fit = fit_targets(Y_raw, prep.ranks, cfg)
         Yr, Yf = Y_raw[folds.train_rows], Y_fit[folds.train_rows]  # training rows only
+        store = feature_store(prep, cfg, "cpu", False)
+        ctx = FitContext(cfg=cfg, tiles=prep.tiles, Y_fit=Y_fit, Y_raw=Y_raw, device="cpu", seed=cfg.seed)
         results, features = {}, {}
-        for name in ["mean", "colour-ridge", "effnet-ridge"]:  # as in 07: leave-one-slide-out, OOF predictions
-            features[name] = get_method_features(name, prep, cfg, device="cpu", progress=False)
-            results[name] = cross_validate_method(name, folds, Y_fit, Y_raw, cfg, features=features[name], seed=cfg.seed)
+        for name in [*baseline_names(), "encoder-ridge"]:  # as in 07: leave-one-slide-out, OOF predictions
+            features[name] = store.for_method(get_method(name)(cfg))
+            results[name] = cross_validate_method(name, folds, Y_fit, cfg, ctx, features=features[name])
     '''),
     md('''
         ### The leak-free stacker
 
         Its inputs are each method's OOF per-spot ranks, side by side. Its own score comes from a second
         leave-one-slide-out over those OOF rows (**nested**): the stacker that scores slide *s* never saw *s*'s rows.
+        The stacker is a registered method too (`stacker_name()`, `stacking`): a ridge by default
+        (`[stacking] model`), its penalty chosen by leave-one-slide-out.
     '''),
     code('''
         from hevisum.cv import cross_validate_stacking, stack_inputs, stack_test_inputs
         from hevisum.metrics import evaluate_frames, mean_spot_spearman
-        from hevisum.predict import prediction_frame
+        from hevisum.outputs import prediction_frame
 
         methods = list(results.values())
         X_oof = stack_inputs(methods)  # (training spots, methods x T)
         X_test = stack_test_inputs(methods)  # each method's rank-average over its fold models, on the test spots
-        st = cross_validate_stacking(X_oof, Yf, Yr, folds.slides, X_test, kind="ridge", seed=cfg.seed)
+        st = cross_validate_stacking(X_oof, Yf, folds.slides, X_test, cfg, [r.name for r in methods], seed=cfg.seed)
+        print(f"{st.final.name} ({st.final.params['kind']}) over {', '.join(st.final.params['methods'])}: "
+              f"{X_oof.shape[1]} inputs per spot")
 
         truth = pd.read_csv(TRUTH) if TRUTH.is_file() and len(folds.test_rows) else None
 
@@ -884,33 +952,36 @@ NOTEBOOKS["08_stacking"] = [
     '''),
     code('''
         from hevisum.cv import spot_ranks
-        from hevisum.methods import predict_feature_method
 
         gap = {}
-        for name in ["colour-ridge", "effnet-ridge"]:
+        for name in ["colour-ridge", "encoder-ridge"]:
             r, X = results[name], features[name]
-            for fm, held in zip(r.models, folds.slide_ids):
+            for fm, held in zip(r.models, folds.slide_ids):  # the fold models, in folds.slide_ids order
                 fit_mask, held_mask = folds.split(held)
-                seen = predict_feature_method(fm, X[folds.train_rows[fit_mask]], int(fit_mask.sum()))
-                gap[(name, held)] = {"on its training spots": mean_spot_spearman(seen, Yr[fit_mask]),
-                                     "on the held-out slide": r.fold_scores[held]}
+                seen = folds.train_rows[fit_mask]
+                gap[(name, held)] = {
+                    "on its training spots": mean_spot_spearman(fm.predict(X[seen], rows=seen, ctx=ctx), Yr[fit_mask]),
+                    "on the held-out slide": mean_spot_spearman(r.oof[held_mask], Yr[held_mask])}
         pd.DataFrame(gap).T.round(3)
     '''),
     code('''
-        from hevisum.models.stacking import fit_stacker
+        from hevisum.methods import stacker_name
 
 
         def fold_model_inputs(rows):
             """The reference's stacker inputs: every fold model of every method on ``rows``, ranks side by side."""
-            return np.concatenate([spot_ranks(predict_feature_method(fm, features[n][rows], len(rows)))
-                                   for n in ["colour-ridge", "effnet-ridge"] for fm in results[n].models], axis=1)
+            return np.concatenate([spot_ranks(fm.predict(features[n][rows], rows=rows, ctx=ctx))
+                                   for n in ["colour-ridge", "encoder-ridge"] for fm in results[n].models], axis=1)
 
 
         X_leaky = fold_model_inputs(folds.train_rows)  # in-sample for all but one fold model
         val = np.random.default_rng(cfg.seed).random(len(X_leaky)) < 0.2  # the reference's random 80/20 split of spots
-        leaky = fit_stacker(X_leaky[~val], Yf[~val], kind="ridge", seed=cfg.seed)
-        leaky_val = mean_spot_spearman(leaky.predict(X_leaky[val]), Yr[val])
-        leaky_test = test_score(leaky.predict(fold_model_inputs(folds.test_rows))) if len(folds.test_rows) else np.nan
+        # the same stacker, fitted the reference's way: in-sample inputs, and no slides (groups=None) for its penalty
+        leaky = get_method(stacker_name())(cfg).fit(X_leaky[~val], Yf[~val], rows=np.flatnonzero(~val), groups=None,
+                                                    ctx=ctx)
+        leaky_val = mean_spot_spearman(leaky.predict(X_leaky[val], rows=np.flatnonzero(val), ctx=ctx), Yr[val])
+        leaky_test = (test_score(leaky.predict(fold_model_inputs(folds.test_rows), rows=folds.test_rows, ctx=ctx))
+                      if len(folds.test_rows) else np.nan)
         print(f"leaky stacker: its own validation {leaky_val:.3f}, test slide {leaky_test:.3f}")
         print(f"OOF stacker:   nested CV          {table.loc['stacking (OOF, nested CV)', 'CV per-spot Spearman']:.3f}, "
               f"test slide {table.loc['stacking (OOF, nested CV)', 'test']:.3f}")
@@ -939,8 +1010,10 @@ NOTEBOOKS["08_stacking"] = [
         Whole slides must be held out.
 
         **In the pipeline**: `[stacking] enabled = true`, `model = "ridge"` (or `"mlp"`, the reference's
-        `StackingMLP`). `hevisum run` stacks every cross-validated method on OOF predictions, scores the stacker with
-        the nested leave-one-slide-out, and selects it only when that score beats every single method.
+        `StackingMLP`). `hevisum run` stacks every cross-validated method on OOF predictions (smoothed, as in 07),
+        scores the stacker with the nested leave-one-slide-out, saves it under `models/stacking/`, and selects it
+        only when it beats the best single method by more than the fold-to-fold noise (the mean of its per-fold
+        gains must exceed their standard error).
     '''),
 ]
 
@@ -1011,14 +1084,17 @@ NOTEBOOKS["09_evaluation_and_report"] = [
 
         `run_pipeline` preprocesses, cross-validates every method (leave-one-slide-out), stacks on out-of-fold
         predictions, **selects by cross-validation only**, predicts the test slide, scores it when its truth is given,
-        and writes a run folder with `report.html`. Here with `effnet-ridge` as the only non-baseline method, to keep
-        it quick; `hevisum run` adds `effnet-mlp` by default.
+        and writes a run folder with `report.html`; it returns the content of the run's `metrics.json`
+        (`hevisum.pipeline.run` does the same and returns a typed `RunResult` instead). Here with `encoder-ridge` as
+        the only method beside the baselines, to keep it quick; by default `hevisum run` (the fast profile) runs
+        `encoder-ridge` and `encoder-mlp`. The output folder must be new, empty or an earlier hevisum run folder:
+        nothing else is ever overwritten.
     '''),
     code('''
         from hevisum.pipeline import run_pipeline
 
         config = WORK / "run.toml"
-        config.write_text('profile = "fast"\\nseed = 0\\n\\n[models]\\nmethods = ["effnet-ridge"]\\n\\n'
+        config.write_text('profile = "fast"\\nseed = 0\\n\\n[models]\\nmethods = ["encoder-ridge"]\\n\\n'
                           '[stacking]\\nmodel = "ridge"\\n')
         RUN = WORK / "run"
         run_metrics = run_pipeline([str(H5)], RUN, config_path=str(config),
@@ -1028,7 +1104,12 @@ NOTEBOOKS["09_evaluation_and_report"] = [
                                        "CV per-target Pearson": s["cv_target_pearson_mean"],
                                        "test per-spot Spearman": test.get(name, {}).get("overall", {}).get("spot_spearman")}
                                 for name, s in run_metrics["methods"].items()}).T
-        print(f"selected by cross-validation: {run_metrics['selected']}; {run_metrics['seconds']:.0f} s")
+        sel = run_metrics["selection"]
+        print(f"selected by cross-validation: {sel['selected']} (best single method {sel['best_single']}, "
+              f"best baseline {sel['best_baseline']}); {run_metrics['seconds']:.0f} s")
+        if sel["stack_margin"] is not None:
+            print(f"stacking over the best single method: {sel['stack_margin']:+.4f} per fold, "
+                  f"standard error {sel['stack_noise']:.4f} (chosen only when the gain exceeds it)")
         summary.round(3)
     '''),
     code('''

@@ -202,6 +202,25 @@ def test_um_per_px_from_resolution_tags(tmp_path):
     assert open_image(tmp_path / "scan.png").um_per_px == pytest.approx(0.5)
 
 
+def test_um_per_px_from_aperio_description(tmp_path):
+    desc = "Aperio Image Library v12.0.5\n64x64 [0,0 64x64] (256x256) JPEG/RGB Q=70|AppMag = 20|MPP = 0.4990"
+    tifffile.imwrite(tmp_path / "a.svs", np.full((64, 64, 3), 200, np.uint8), description=desc, tile=(16, 16),
+                     metadata=None)
+    assert open_image(tmp_path / "a.svs", backend="tifffile").um_per_px == pytest.approx(0.499)
+
+
+def test_without_openslide(pyramid, tmp_path, monkeypatch):
+    monkeypatch.setattr(wsi, "openslide_available", lambda: False)
+    path, slide = pyramid
+    with open_image(path) as src:
+        assert src.backend == "tifffile" and len(src.levels) == 3
+    (tmp_path / "s.mrxs").write_bytes(b"\x00" * 10)
+    with pytest.raises(HevisumError, match=r"s\.mrxs: \.mrxs slides need OpenSlide: pip install openslide-python"):
+        open_image(tmp_path / "s.mrxs")
+    with pytest.raises(HevisumError, match="needs OpenSlide"):
+        open_image(path, backend="openslide")
+
+
 def test_pil_and_tiff_pixel_conversions(tmp_path):
     rng = np.random.default_rng(1)
     rgba = rng.integers(0, 256, (40, 50, 4), dtype=np.uint8)

@@ -65,7 +65,7 @@ class RealignConfig:
                 isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and abs(a) <= 1e6
                 for a in v)
             if not ok:
-                raise HevisumError(f"realign.manual.{_key(str(k))} must be [dx, dy], two finite numbers of pixels, "
+                raise HevisumError(f"realign.manual[{str(k)!r}] must be [dx, dy], two finite numbers of pixels, "
                                    f"got {v!r}")
 
 
@@ -141,6 +141,8 @@ def _in_range(key: str, value: float, lo: float, hi: float, lo_open: bool = Fals
     """``lo <= value <= hi`` (``lo < value`` with ``lo_open``), a finite number (NaN and infinities fail)."""
     ok = _is_number(value) and (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
+        if isinstance(lo, int) and isinstance(hi, int) and isinstance(value, int) and not lo_open:
+            raise HevisumError(f"{key} must be an integer in {lo}..{hi}{unit}, got {value!r}")
         raise HevisumError(f"{key} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]{unit}, got {value!r}")
 
 
@@ -188,7 +190,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise HevisumError(f"{key} must be a number, got {value!r}")
         if not math.isfinite(value):
-            raise HevisumError(f"{key} must be a finite number, got {value!r}")
+            raise HevisumError(f"{key} must be a finite number, got {value!r} (NaN and infinities are never valid)")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
@@ -218,6 +220,10 @@ def load_toml(path: str | Path) -> dict:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as e:
         raise HevisumError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise HevisumError(f"config file {str(p)!r} nests arrays or tables too deeply to be a config") from None
+    except OSError as e:
+        raise HevisumError(f"config file {str(p)!r} cannot be read ({e.strerror or e})") from None
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: dict | None = None) -> Any:

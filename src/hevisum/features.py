@@ -43,11 +43,7 @@ class FeatureStore:
     # ---------------------------------------------------------------- encoder
     def encoder(self):
         if self._encoder is None:
-            from hevisum.encoders import load_encoder, weights_digest
-
-            enc_cfg = self.cfg.encoder
-            self._encoder = load_encoder(enc_cfg.name, weights=enc_cfg.weights or None, device=self.device)
-            self._digest = weights_digest(enc_cfg.weights) if enc_cfg.weights else "builtin"
+            self._encoder, self._digest = load_configured_encoder(self.cfg, self.device)
         return self._encoder
 
     def encoder_key(self) -> dict:
@@ -70,11 +66,16 @@ class FeatureStore:
         if source == "encoder":
             key.update(self.encoder_key())
         path = _cache_path(self.workdir, f"{source}-{view}", key)
+        shared = _cache_path(shared_cache_dir(), f"{source}-{view}", key) if source == "encoder" else None
         feats = None
-        if path.is_file():
-            feats = np.load(path, allow_pickle=False)
-            if feats.shape[0] != len(tiles):
-                feats = None
+        for p in (path, shared):
+            if feats is None and p is not None and p.is_file():
+                try:
+                    feats = np.load(p, allow_pickle=False)
+                except (OSError, ValueError):
+                    feats = None
+                if feats is not None and feats.shape[0] != len(tiles):
+                    feats = None
         if feats is None:
             if source == "colour":
                 from hevisum.models.baselines import colour_features
@@ -85,9 +86,10 @@ class FeatureStore:
                 feats = np.ascontiguousarray(self.base(source, geometry, "stages")[:, -self.encoder().feature_dim:])
             else:
                 feats = self._encode(tiles, view)
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, feats, allow_pickle=False)
+            if shared is not None:
+                _save_npy(shared, feats)
+        if not path.is_file():
+            _save_npy(path, feats)
         self._memo[memo_key] = feats
         return feats
 
@@ -111,7 +113,10 @@ class FeatureStore:
 
     def block(self, spec) -> np.ndarray:
         """One feature block of a method, context applied and standardised."""
-        X = self.base(spec.source, spec.geometry, spec.view if spec.source == "encoder" else "embed")
+        view = "embed"
+        if spec.source == "encoder" and spec.view == "stages" and getattr(self.encoder(), "stages_feature_dim", None):
+            view = "stages"  # encoders without stage pooling (the ViTs) give their embedding
+        X = self.base(spec.source, spec.geometry, view)
         slides = self.spots["slide"].astype(str).to_numpy()
         norm = self.cfg.models.feature_norm
         if spec.context in ("ring1", "ring2"):
@@ -136,13 +141,48 @@ class FeatureStore:
         return X.astype(np.float32, copy=False)
 
 
-def _tiles_id(tiles) -> str:
-    """A cheap fingerprint of a tile cache: a digest of a few tiles spread over it."""
-    n = len(tiles)
-    if n == 0:
-        return "empty"
-    idx = np.unique(np.linspace(0, n - 1, num=min(n, 16)).astype(int))
-    return hashlib.sha1(np.ascontiguousarray(np.asarray(tiles[idx])).tobytes()).hexdigest()[:12]
+_LOADED: dict = {}
+
+
+def load_configured_encoder(cfg, device: str = "cpu"):
+    """The run's encoder (``[encoder]`` of ``cfg``) and its weight digest, loaded once per process: `hevisum run`
+    calls this before any work, so a missing or wrong weight file is refused in seconds, not after preprocessing."""
+    from hevisum.encoders import load_encoder, weights_digest
+
+    key = (cfg.encoder.name, cfg.encoder.weights, device)
+    if key not in _LOADED:
+        _LOADED.clear()  # one encoder at a time: they can be large
+        enc = load_encoder(cfg.encoder.name, weights=cfg.encoder.weights or None, device=device)
+        _LOADED[key] = (enc, weights_digest(cfg.encoder.weights) if cfg.encoder.weights else "builtin")
+    return _LOADED[key]
+
+
+def _tiles_id(tiles, chunk: int = 1024) -> str:
+    """A digest of every pixel of a tile cache (read chunk by chunk, so a memory-mapped cache stays on disk)."""
+    h = hashlib.sha1(str(tuple(tiles.shape)).encode())
+    for s in range(0, len(tiles), chunk):
+        h.update(np.ascontiguousarray(np.asarray(tiles[s:s + chunk])).tobytes())
+    return h.hexdigest()[:16]
+
+
+def shared_cache_dir() -> Path:
+    """Encoder features shared between runs: ``$HEVISUM_CACHE`` or ``~/.cache/hevisum``, under ``features/``.
+    Keyed by encoder, weight-file digest, tile geometry and a digest of every tile, so a second run on the same
+    slides with the same encoder reads its features back instead of computing them."""
+    import os
+
+    root = os.environ.get("HEVISUM_CACHE") or str(Path.home() / ".cache" / "hevisum")
+    return Path(root)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr, allow_pickle=False)
+    except OSError as e:  # a read-only or full shared cache must not fail the run
+        log.warning("could not write the feature cache %s: %s", path, e)
 
 
 def _cache_path(workdir: Path, kind: str, params: dict) -> Path:

@@ -39,6 +39,8 @@ def plot_text(name: object) -> str:
 
     Matplotlib (without usetex) treats text as math only when it holds an even number of unescaped ``$``; once
     every ``$`` is written ``\\$`` none is unescaped, and it draws ``\\$`` as ``$``. Backslashes are drawn as they
-    are outside math, so they stay single (doubling them would draw two).
+    are outside math, so they stay single (doubling them would draw two). Control and other unprintable
+    characters (a newline in a slide id) are shown as their escapes (``\\n``), so one name stays one line.
     """
-    return str(name).replace("$", r"\$")
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(name))
+    return text.replace("$", r"\$")

@@ -294,6 +294,10 @@ def run(inputs: list[str] | None, out: Path, *, config_path: str | None = None, 
     cfg = load_run_config(config_path, profile=profile, seed=seed, overrides=overrides)
     methods = resolve_methods(cfg)
     device = resolve_device(device)
+    if any(s.source == "encoder" for m in methods for s in get_method(m)(cfg).features()):
+        from hevisum.features import load_configured_encoder
+
+        load_configured_encoder(cfg, device)  # a missing or wrong weight file stops the run before any work
     if truth is not None and not Path(truth).is_file():
         raise HevisumError(f"truth file {truth!r} not found; expected a CSV with columns slide, ID, C1..Cn")
     out = Path(out)

@@ -92,7 +92,8 @@ class Slide:
         xy = self.xy
         if not np.isfinite(xy).all():
             bad = int(np.flatnonzero(~np.isfinite(xy).all(axis=1))[0])
-            raise HevisumError(f"{w}: spot {self.spot_ids[bad]!r} has a non-finite coordinate {tuple(xy[bad])}")
+            raise HevisumError(f"{w}: spot {self.spot_ids[bad]!r} has a non-finite coordinate "
+                               f"(x={xy[bad, 0]:g}, y={xy[bad, 1]:g}); coordinates must be finite numbers")
         h, wd = img.shape[:2]
         outside = (xy[:, 0] < 0) | (xy[:, 0] >= wd) | (xy[:, 1] < 0) | (xy[:, 1] >= h)
         if outside.any():

@@ -38,6 +38,10 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
+# The built-in presets register themselves on import (no torch needed). A new encoder is one module beside
+# these that calls register_encoder(...), plus its import here (docs/extending.md).
+from hevisum.encoders import presets  # noqa: E402,F401
+
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)

@@ -65,6 +65,9 @@ def detect_format(path: str | Path) -> str:
                            f"{SUPPORTED_FORMATS}")
     if p.suffix.lower() in IMAGE_SUFFIXES:
         raise HevisumError(f"{p}: an image alone has no spots; supported inputs: {SUPPORTED_FORMATS}")
+    if p.suffix.lower() in (".h5", ".hdf5", ".he5"):
+        raise HevisumError(f"{p}: not an HDF5 file ({p.stat().st_size} bytes); it may be truncated or damaged: write "
+                           "or copy it again")
     raise HevisumError(f"{p}: unsupported input file; supported inputs: {SUPPORTED_FORMATS}")
 
 

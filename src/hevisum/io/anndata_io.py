@@ -50,11 +50,47 @@ def _read_anndata(p: Path):
     if not p.is_file():
         raise HevisumError(f"input file {str(p)!r} not found")
     if not h5py.is_hdf5(p):
-        raise HevisumError(f"{p}: not an HDF5/.h5ad file")
+        raise HevisumError(f"{p}: not an HDF5/.h5ad file ({p.stat().st_size} bytes); it may be truncated or damaged, "
+                           "or another format with this suffix")
+    _check_declared_sizes(p)
     try:
         return ad.read_h5ad(p)
     except Exception as e:  # noqa: BLE001 - anndata raises many types for malformed files
-        raise HevisumError(f"{p}: cannot read as AnnData ({type(e).__name__}: {e})") from None
+        raise HevisumError(f"{p}: cannot read as AnnData ({type(e).__name__}: {_one_line(e)})") from None
+
+
+# Largest dataset an .h5ad may declare before anything is read (AnnData reads every array whole).
+MAX_DATASET_BYTES = 16 * 2**30
+
+
+def _check_declared_sizes(p: Path) -> None:
+    """Refuse, before reading, a file declaring an image above the pixel limit or any array above
+    :data:`MAX_DATASET_BYTES` (a damaged or hostile header would otherwise allocate it)."""
+    import h5py
+
+    from hevisum.io.competition import open_h5
+    from hevisum.io.images import MAX_PIXELS
+
+    def visit(name: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset) or obj.shape is None:
+            return
+        shape = obj.shape
+        if len(shape) == 3 and shape[2] in (1, 3, 4) and shape[0] * shape[1] > MAX_PIXELS:
+            raise HevisumError(f"{p}: {name} declares a {shape[1]}x{shape[0]} px image "
+                               f"({shape[0] * shape[1] / 1e6:.0f} Mpx), above the {MAX_PIXELS / 1e6:.0f} Mpx limit; "
+                               "store a downscaled copy (and scale the spot coordinates)")
+        nbytes = int(np.prod(shape, dtype=np.float64) * max(obj.dtype.itemsize, 1))
+        if nbytes > MAX_DATASET_BYTES:
+            raise HevisumError(f"{p}: {name} declares {shape} ({nbytes / 2**30:.0f} GiB), above the "
+                               f"{MAX_DATASET_BYTES / 2**30:.0f} GiB this reader holds in memory")
+
+    with open_h5(p) as f:
+        f.visititems(visit)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def _slide_groups(adata, p: Path) -> tuple[str | None, list[str]]:
@@ -79,9 +115,14 @@ def _image_for(adata, sid: str, p: Path, image: str, max_side: int | None,
     if lib is None and isinstance(spatial, dict) and len(spatial) == 1 and n_slides == 1:
         # One slide and one library: they belong together whatever the library is called.
         lib = next(iter(spatial.values()))
+    if lib is not None and not isinstance(lib, dict):
+        raise HevisumError(f"{p}: uns['spatial'][{sid!r}] is a {type(lib).__name__}; expected a mapping with "
+                           "images and scalefactors")
     if lib is not None and image != "full":
         images = lib.get("images") or {}
         scal = lib.get("scalefactors") or {}
+        if not isinstance(images, dict) or not isinstance(scal, dict):
+            raise HevisumError(f"{p}: uns['spatial'][{sid!r}] images and scalefactors must be mappings")
         order = ["hires", "lowres"] if image == "auto" else [image]
         for res in order:
             if res in images:
@@ -89,7 +130,11 @@ def _image_for(adata, sid: str, p: Path, image: str, max_side: int | None,
                 if key not in scal:
                     raise HevisumError(f"{p}: uns['spatial'][{sid!r}]['scalefactors'] lacks {key!r}; found "
                                        f"{sorted(scal)}")
-                s = float(scal[key])
+                s = scal[key]
+                s = float(np.asarray(s).ravel()[0]) if np.asarray(s).dtype.kind in "iuf" and np.size(s) == 1 else None
+                if s is None or not 0 < s < 1e6:
+                    raise HevisumError(f"{p}: uns['spatial'][{sid!r}]['scalefactors'][{key!r}] is {scal[key]!r}; "
+                                       "expected a positive finite number")
                 arr = to_rgb_uint8(np.asarray(images[res]), f"{p}: uns['spatial'][{sid!r}]['images'][{res!r}]")
                 meta.update({"image": res})
                 if "spot_diameter_fullres" in scal:
@@ -119,7 +164,8 @@ def _targets_matrix(adata, targets: str | None, p: Path) -> tuple[np.ndarray | s
             return (*_obsm_values(adata, "proportions", p), False, "obsm['proportions']")
         if adata.n_vars == 0 or adata.X is None:
             return None, None, False, "none"
-        detect = None if adata.uns.get("hevisum", {}).get("targets_kind") != "values" else False
+        marks = adata.uns.get("hevisum")
+        detect = None if not isinstance(marks, dict) or marks.get("targets_kind") != "values" else False
         return adata.X, list(map(str, adata.var_names)), detect, "X"
     if targets == "X":
         if adata.X is None:
@@ -154,10 +200,25 @@ def load_h5ad(path: str | Path, *, targets: str | None = None, image: str = "aut
     """Read an .h5ad into slides; counts are left pending for joint gene selection (see :func:`read_h5ad`)."""
     p = Path(path)
     adata = _read_anndata(p)
+    try:
+        return _load(adata, p, targets, image, max_side)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        # content of an unexpected type somewhere in obs/obsm/uns (a string where numbers belong, a list where a
+        # mapping belongs): one line naming the file and the problem
+        raise HevisumError(f"{p}: unexpected AnnData content ({type(e).__name__}: {_one_line(e)}); expected the "
+                           "scanpy/squidpy spatial layout: obsm['spatial'] numbers, uns['spatial'][library] with "
+                           "images and scalefactors, numeric targets") from None
+
+
+def _load(adata, p: Path, targets: str | None, image: str, max_side: int | None) -> list[LoadedSlide]:
     if "spatial" not in adata.obsm:
         raise HevisumError(f"{p}: missing obsm['spatial'] (spot x, y in full-resolution pixels); obsm keys found: "
                            f"{sorted(adata.obsm.keys())}")
-    xy_all = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    raw_xy = adata.obsm["spatial"]
+    raw_xy = raw_xy.to_numpy() if isinstance(raw_xy, pd.DataFrame) else np.asarray(raw_xy)
+    if raw_xy.dtype.kind not in "iuf":
+        raise HevisumError(f"{p}: obsm['spatial'] has type {raw_xy.dtype}; expected numbers (x, y in pixels)")
+    xy_all = np.asarray(raw_xy, dtype=np.float64)
     if xy_all.ndim != 2 or xy_all.shape[1] < 2:
         raise HevisumError(f"{p}: obsm['spatial'] has shape {xy_all.shape}; expected (n_spots, 2) x, y")
     if adata.n_obs == 0:
@@ -196,7 +257,11 @@ def load_h5ad(path: str | Path, *, targets: str | None = None, image: str = "aut
             loaded.append(LoadedSlide(slide))
             continue
         v = values[rows]
-        v = sp.csr_matrix(v) if sp.issparse(v) else np.asarray(v, dtype=np.float64)
+        kind = v.dtype.kind if hasattr(v, "dtype") else np.asarray(v).dtype.kind
+        if kind not in "iufb":
+            raise HevisumError(f"{p}: targets ({described}) have type {v.dtype if hasattr(v, 'dtype') else '?'}; "
+                               "expected numbers")
+        v = sp.csr_matrix(v, dtype=np.float64) if sp.issparse(v) else np.asarray(v, dtype=np.float64)
         if split == "test" and not sp.issparse(v) and not np.isfinite(v).any():
             slide.meta["targets_kind"] = "none"  # a Test slide written without truth
             loaded.append(LoadedSlide(slide))
@@ -258,7 +323,7 @@ def write_h5ad(slides: Sequence[Slide], path: str | Path) -> None:
     for s in slides:
         if s.split == "train" and s.targets is None:
             raise HevisumError(f"{s.where()}: a Train slide needs targets; mark it as Test instead "
-                               f"(--test {s.slide_id})")
+                               f"(--test {s.slide_id!r})")
     n_t = len(names) if names else 0
     if names is not None and len(set(names)) != len(names):
         dup = pd.Index(names)[pd.Index(names).duplicated()][0]

@@ -70,14 +70,17 @@ def read_competition_h5(path: str | Path, test_slides: list[str] | None = None) 
             img_names = set(ig.keys()) if ig is not None else set()
             spot_names = set(sg.keys()) if sg is not None else set()
             for sid in sorted(img_names | spot_names, key=_natural_key):
+                shown = _printable(sid)
                 if sid not in spot_names:
-                    raise HevisumError(f"{p}: slide {sid!r} has images/{split_group}/{sid} but no spots/{split_group}/{sid}")
+                    raise HevisumError(f"{p}: slide {sid!r} has images/{split_group}/{shown} but no "
+                                       f"spots/{split_group}/{shown}")
                 if sid not in img_names:
-                    raise HevisumError(f"{p}: slide {sid!r} has spots/{split_group}/{sid} but no images/{split_group}/{sid}")
+                    raise HevisumError(f"{p}: slide {sid!r} has spots/{split_group}/{shown} but no "
+                                       f"images/{split_group}/{shown}")
                 ids = _dataset(ig, sid, p, f"images/{split_group}", "an image dataset (H, W, 3) uint8")
                 sds = _dataset(sg, sid, p, f"spots/{split_group}", "a table dataset with fields x, y, C1..Cn")
-                image = _read_image(ids, p, f"images/{split_group}/{sid}")
-                rec = _read_spots(sds, p, f"spots/{split_group}/{sid}")
+                image = _read_image(ids, p, f"images/{split_group}/{shown}")
+                rec = _read_spots(sds, p, f"spots/{split_group}/{shown}")
                 slides.append(_slide_from_records(p, sid, split, image, rec, names, _attrs(sds, p)))
     if not slides:
         raise HevisumError(f"{p}: no slides under images/Train or images/Test")
@@ -120,6 +123,11 @@ def open_h5(p: Path) -> Iterator:
                            "it again") from None
 
 
+def _printable(name: str) -> str:
+    """``name`` for a message: control characters (a newline in a slide id...) escaped, so it stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
@@ -139,18 +147,19 @@ def _dataset(group, sid: str, p: Path, where: str, expected: str):
     """The dataset ``group[sid]``; a group (``<slide>/<more>``) or a dangling link is an error."""
     import h5py
 
+    shown = _printable(sid)
     try:
         obj = group.get(sid)
     except (KeyError, OSError, RuntimeError) as e:
-        raise HevisumError(f"{p}: {where}/{sid} cannot be read ({_first_line(e)}); expected {expected}") from None
+        raise HevisumError(f"{p}: {where}/{shown} cannot be read ({_first_line(e)}); expected {expected}") from None
     if obj is None:
-        raise HevisumError(f"{p}: {where}/{sid} is a broken link; expected {expected}")
+        raise HevisumError(f"{p}: {where}/{shown} is a broken link; expected {expected}")
     if isinstance(obj, h5py.Group):
         inner = sorted(obj.keys())[:5]
-        raise HevisumError(f"{p}: {where}/{sid} is a group (holding {inner}), not a dataset; expected one slide per "
+        raise HevisumError(f"{p}: {where}/{shown} is a group (holding {inner}), not a dataset; expected one slide per "
                            f"name directly under {where}/, each {expected} (slide ids cannot contain '/')")
     if not isinstance(obj, h5py.Dataset):
-        raise HevisumError(f"{p}: {where}/{sid} is not a dataset; expected {expected}")
+        raise HevisumError(f"{p}: {where}/{shown} is not a dataset; expected {expected}")
     return obj
 
 
@@ -210,7 +219,7 @@ def _target_names_attr(f, p: Path) -> list[str] | None:
     if isinstance(raw, str):
         try:
             names = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise HevisumError(f"{p}: attribute 'target_names' is not a JSON list of strings") from None
     else:
         names = [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x)
@@ -222,7 +231,7 @@ def _target_names_attr(f, p: Path) -> list[str] | None:
 
 def _slide_from_records(p: Path, sid: str, split: str, image: np.ndarray, rec: np.ndarray,
                         names: list[str] | None, attrs: dict) -> Slide:
-    where = f"{p}: spots/{'Train' if split == 'train' else 'Test'}/{sid}"
+    where = f"{p}: spots/{'Train' if split == 'train' else 'Test'}/{_printable(sid)}"
     fields = rec.dtype.names or ()
     for col in ("x", "y"):
         if col not in fields:
@@ -237,7 +246,7 @@ def _slide_from_records(p: Path, sid: str, split: str, image: np.ndarray, rec: n
         bad = ~np.isfinite(ts) if ts.dtype.kind == "f" else np.zeros(len(ts), bool)
         if bad.any() or (ts.dtype.kind == "f" and not np.array_equal(ts, np.round(ts))):
             i = int(np.flatnonzero(bad)[0]) if bad.any() else int(np.flatnonzero(ts != np.round(ts))[0])
-            raise HevisumError(f"{where}: field 'Test_Set' of spot {i} is {ts[i]!r}; expected an integer")
+            raise HevisumError(f"{where}: field 'Test_Set' of spot {i} is {float(ts[i]):g}; expected an integer")
         spots["test_set"] = ts.astype(np.int64)
     tcols = sorted((c for c in fields if _TARGET_RE.match(c)), key=lambda c: int(c[1:]))
     targets = None
@@ -257,17 +266,25 @@ def _slide_from_records(p: Path, sid: str, split: str, image: np.ndarray, rec: n
     if "applied_shift" in attrs:
         v = _numbers(attrs["applied_shift"])
         if v is None or len(v) != 2:
-            raise HevisumError(f"{where}: attribute 'applied_shift' is {attrs['applied_shift']!r}; expected two "
-                               "finite numbers (dx, dy) in pixels")
+            raise HevisumError(f"{where}: attribute 'applied_shift' is {_shown_attr(attrs['applied_shift'])}; "
+                               "expected two finite numbers (dx, dy) in pixels")
         meta["applied_shift"] = tuple(v)
     if "um_per_px" in attrs:
         v = _numbers(attrs["um_per_px"])
         if v is None or len(v) != 1 or not 0 < v[0] < 1e4:
-            raise HevisumError(f"{where}: attribute 'um_per_px' is {attrs['um_per_px']!r}; expected one positive "
-                               "number (microns per pixel)")
+            raise HevisumError(f"{where}: attribute 'um_per_px' is {_shown_attr(attrs['um_per_px'])}; expected one "
+                               "positive number (microns per pixel)")
         meta["um_per_px"] = v[0]
     return Slide(slide_id=sid, image=image, spots=spots, targets=targets, target_names=target_names,
                  um_per_px=meta.get("um_per_px"), split=split, source=str(p), meta=meta)
+
+
+def _shown_attr(value) -> str:
+    a = np.asarray(value)
+    v = a.tolist()
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", errors="replace")
+    return repr(v)[:100]
 
 
 def _numbers(value) -> list[float] | None:
@@ -292,8 +309,12 @@ def write_competition_h5(slides: list[Slide], path: str | Path) -> None:
     names = check_same_targets([s for s in slides if s.split == "train"])
     for s in slides:
         s.validate()
+        if "/" in s.slide_id or "\0" in s.slide_id or s.slide_id in (".", ".."):
+            raise HevisumError(f"{s.where()}: slide id {s.slide_id!r} cannot name an HDF5 dataset (no '/', NUL, "
+                               "'.' or '..'); rename the slide, or write .h5ad instead")
         if s.split == "train" and s.targets is None:
-            raise HevisumError(f"{s.where()}: a Train slide needs targets; mark it as Test instead (--test {s.slide_id})")
+            raise HevisumError(f"{s.where()}: a Train slide needs targets; mark it as Test instead "
+                               f"(--test {s.slide_id!r})")
     n_targets = len(names) if names else 0
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:

@@ -15,6 +15,7 @@ Decisions
 from __future__ import annotations
 
 import contextlib
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -133,8 +134,9 @@ def read_image_scaled(path: str | Path, max_side: int | None = None) -> tuple[np
             raise HevisumError(
                 f"{p}: not an image file PIL can read; expected {', '.join(IMAGE_SUFFIXES)}"
             ) from None
-        except OSError as e:
-            raise HevisumError(f"{p}: cannot open image ({e})") from None
+        except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:
+            # damaged headers: PIL raises any of these
+            raise HevisumError(f"{p}: cannot open image ({_one_line(e)}); the file may be damaged") from None
         with im:
             w, h = im.size
             if w * h > MAX_PIXELS:
@@ -151,7 +153,7 @@ def read_image_scaled(path: str | Path, max_side: int | None = None) -> tuple[np
                 arr = _pil_to_array(im, p)
             except HevisumError:
                 raise
-            except (OSError, ValueError, SyntaxError) as e:
+            except (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, TypeError) as e:
                 arr = _tiff_fallback(p, e)
     arr = to_rgb_uint8(arr, str(p))
     if target != (arr.shape[1], arr.shape[0]):
@@ -187,7 +189,14 @@ def _tiff_fallback(p: Path, err: Exception) -> np.ndarray:
                 return np.asarray(tifffile.imread(p))  # series 0, full-resolution level
             except Exception as e2:  # noqa: BLE001 - any decoder failure becomes one user error below
                 err = e2
-    raise HevisumError(f"{p}: cannot decode image ({err}); expected an 8- or 16-bit RGB or greyscale image")
+    raise HevisumError(f"{p}: cannot decode image ({_one_line(err)}); expected an 8- or 16-bit RGB or greyscale "
+                       "image")
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message (decoders sometimes write several), shortened."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def _target_size(w: int, h: int, max_side: int | None) -> tuple[int, int]:

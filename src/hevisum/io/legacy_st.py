@@ -41,6 +41,7 @@ from hevisum.io.tables import (
     read_table,
     require_columns,
     resolve_gene_targets,
+    show_value,
     to_csr_counts,
 )
 from hevisum.slide import Slide
@@ -108,7 +109,8 @@ def read_spot_table(path: str | Path) -> pd.DataFrame:
         bad = ~np.isfinite(v.to_numpy(dtype=np.float64, na_value=np.nan))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise HevisumError(f"{p}: column {c!r} row {i + 1} is {df[c].iloc[i]!r}; expected a finite number")
+            raise HevisumError(f"{p}: column {c!r} row {i + 1} is {show_value(df[c].iloc[i])}; expected a finite "
+                               "number")
         df[c] = v
     if "selected" not in df.columns:
         df["selected"] = 1
@@ -240,8 +242,9 @@ def _her2st_sections(root: Path, targets: str | None) -> tuple[list[tuple[str, P
             tp = _targets_from_pattern(pattern, sec)
         else:
             folder = root / targets
-            cands = [p for p in sorted(folder.glob(f"{sec}.*")) if p.name in (f"{sec}.tsv", f"{sec}.tsv.gz",
-                                                                              f"{sec}.csv", f"{sec}.csv.gz")]
+            # names compared as they are (a section name may hold glob characters such as '[' or '*')
+            cands = [folder / n for n in (f"{sec}.csv", f"{sec}.csv.gz", f"{sec}.tsv", f"{sec}.tsv.gz")
+                     if (folder / n).is_file()]
             if not cands:
                 raise HevisumError(f"{folder}: no targets table for section {sec!r} (expected {sec}.tsv or "
                                    f"{sec}.tsv.gz)")

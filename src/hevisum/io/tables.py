@@ -53,6 +53,17 @@ def read_table(path: str | Path, what: str, *, index_col: int | None = 0, header
     return df
 
 
+def show_value(v) -> str:
+    """A value read from a file, for a message: numbers as plain numbers (``nan``, ``2``), text quoted."""
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):g}"
+    return repr(v.item() if isinstance(v, np.generic) else v)
+
+
 def _sniff_sep(p: Path) -> str:
     import gzip
 

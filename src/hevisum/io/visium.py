@@ -38,6 +38,7 @@ from hevisum.io.tables import (
     read_table,
     require_columns,
     resolve_gene_targets,
+    show_value,
     to_csr_counts,
 )
 from hevisum.slide import Slide
@@ -282,7 +283,7 @@ def load_visium(path: str | Path, *, targets: str | None = None, image: str = "a
         raise HevisumError(f"{path}: not a Space Ranger folder (no spatial/ with tissue_positions*.csv and "
                            "scalefactors_json.json)")
     root, spatial = found
-    sid = slide_id or root.name
+    sid = slide_id or root.resolve().name or "visium"
     pos = read_positions(spatial)
     pos_src = pos.attrs["source"]
     sf = read_scalefactors(spatial)
@@ -290,7 +291,8 @@ def load_visium(path: str | Path, *, targets: str | None = None, image: str = "a
 
     bad = ~pos["in_tissue"].isin([0, 1])
     if bad.any():
-        raise HevisumError(f"{pos_src}: column 'in_tissue' has value {pos['in_tissue'][bad].iloc[0]!r}; expected 0/1")
+        raise HevisumError(f"{pos_src}: column 'in_tissue' has value {show_value(pos['in_tissue'][bad].iloc[0])} at "
+                           f"barcode {pos['barcode'][bad].iloc[0]!r}; expected 0 or 1")
     n_all = len(pos)
     pos = pos[pos["in_tissue"] == 1].reset_index(drop=True)
     if len(pos) == 0:

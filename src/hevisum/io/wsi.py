@@ -153,6 +153,14 @@ class ImageSource:
                 f"y + h <= {self.height} (level-0 pixels)"
             )
         ow, oh = self._out_size(w, h, out_um_per_px, out_size)
+        from hevisum.io.images import MAX_PIXELS
+
+        if ow * oh > MAX_PIXELS:
+            raise HevisumError(
+                f"{self.path}: the requested output is {ow}x{oh} px ({ow * oh / 1e6:.0f} Mpx), above the "
+                f"{MAX_PIXELS / 1e6:.0f} Mpx limit of one read; read a smaller region or ask for out_size / "
+                "out_um_per_px"
+            )
         level = self.best_level(min(w / ow, h / oh))
         return self._resample(level, x, y, w, h, ow, oh)
 

@@ -406,8 +406,8 @@ def _write_qc_plots(folder: Path, slides: list[Slide], plans: list[dict], masks:
             how = (f"{'applied' if r.applied else 'not applied'}: best ({px:+.1f}, {py:+.1f}) px, evidence "
                    f"{r.score_before:+.2f} -> {r.score_after:+.2f}, margin {r.margin:+.2f} (needs {r.min_margin:.2f})")
         qc_plots.plot_realign(ax, s.image, masks[s.slide_id], s.xy, plan["xy"],
-                              title=f"{s.slide_id} ({s.split}): shift ({dx:+.1f}, {dy:+.1f}) px, "
-                                    f"pitch {plan['pitch']:.1f} px\n{how}")
+                              title=[f"{s.slide_id} ({s.split}): shift ({dx:+.1f}, {dy:+.1f}) px, "
+                                     f"pitch {plan['pitch']:.1f} px", how])
         qc_plots.save_figure(fig, folder / f"{safe_name(s.slide_id)}_realign.png")
     fig, axes = qc_plots.new_figure(len(slides), ncols=4)
     for ax, s, plan in zip(axes, slides, plans):

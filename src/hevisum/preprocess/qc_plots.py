@@ -1,12 +1,15 @@
 """Quality-control plots of preprocessing. Each function draws on a Matplotlib Axes and returns it.
 
-Titles are plain text: they usually hold slide ids read from files, so a ``$`` in them is drawn as it is, never
-parsed as math (see :func:`hevisum.names.plot_text`).
+Titles are plain text, given as a string or a list of lines: they usually hold slide ids read from files, so a
+``$`` in them is drawn as it is, never parsed as math, and a control character in a name is shown escaped (see
+:func:`hevisum.names.plot_text`).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -28,7 +31,7 @@ def thumbnail(image: np.ndarray, step: int) -> np.ndarray:
 
 
 def plot_realign(ax, image: np.ndarray, mask: np.ndarray | None, xy_before: np.ndarray, xy_after: np.ndarray,
-                 title: str = "", max_side: int = 900):
+                 title: str | Sequence[str] = "", max_side: int = 900):
     """The slide with the tissue outline, spot centres before (red) and after (cyan) realignment."""
     k = thumb_step(image.shape, max_side)
     ax.imshow(thumbnail(image, k), interpolation="nearest")
@@ -40,13 +43,14 @@ def plot_realign(ax, image: np.ndarray, mask: np.ndarray | None, xy_before: np.n
                marker="o", linewidths=0, label="before")
     ax.scatter((xy_after[:, 0] + 0.5) / k - 0.5, (xy_after[:, 1] + 0.5) / k - 0.5, s=size, c="#17becf",
                marker="o", linewidths=0, label="after")
-    ax.set_title(plot_text(title), fontsize=9)
+    ax.set_title(_title(title), fontsize=9)
     ax.set_axis_off()
     ax.legend(loc="lower right", fontsize=7, markerscale=2, framealpha=0.7)
     return ax
 
 
-def plot_slide_qc(ax, image: np.ndarray, xy: np.ndarray, valid: np.ndarray, title: str = "", max_side: int = 500):
+def plot_slide_qc(ax, image: np.ndarray, xy: np.ndarray, valid: np.ndarray, title: str | Sequence[str] = "",
+                  max_side: int = 500):
     """The normalised slide with its (realigned) spots: kept in cyan, dropped (no tissue) as red crosses."""
     k = thumb_step(image.shape, max_side)
     ax.imshow(thumbnail(image, k), interpolation="nearest")
@@ -54,9 +58,15 @@ def plot_slide_qc(ax, image: np.ndarray, xy: np.ndarray, valid: np.ndarray, titl
     ax.scatter(p[valid, 0], p[valid, 1], s=2, c="#17becf", linewidths=0)
     if (~valid).any():
         ax.scatter(p[~valid, 0], p[~valid, 1], s=12, c="#d62728", marker="x", linewidths=0.8)
-    ax.set_title(plot_text(title), fontsize=8)
+    ax.set_title(_title(title), fontsize=8)
     ax.set_axis_off()
     return ax
+
+
+def _title(title: str | Sequence[str]) -> str:
+    """A title given as text or as a list of lines, each drawn as plain text (see :func:`plot_text`)."""
+    lines = [title] if isinstance(title, str) else list(title)
+    return "\n".join(plot_text(line) for line in lines)
 
 
 def new_figure(n_axes: int, ncols: int = 4, size: float = 3.2):
@@ -77,5 +87,8 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    with warnings.catch_warnings():
+        # a slide id in a script the font lacks draws as boxes; not worth a warning per plot
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)

@@ -27,15 +27,19 @@ raises the *on-tissue evidence* of the grid by a clear margin over the unshifted
     evidence(d) = sum over spots of e(spot + d)  -  sum over empty sites of e(site + d),
     e(p) = tanh(signed distance from p to the tissue edge / (0.1 pitch))     (+ inside, - outside)
 
-    margin = (evidence(proposed) - evidence(0)) / (number of constraints within one pitch of the tissue edge)
+    margin = (evidence(proposed) - evidence(0)) / (number of constraints near the tissue edge)
 
 and the shift is applied when ``margin >= min_margin`` (default :data:`MIN_MARGIN`, 0.15). ``e`` is +-1 from
 about 0.4 pitch away from the edge and changes smoothly across it, so one spot grazing an edge counts little and
 a grid that sits clearly off the tissue counts a lot. Only the constraints near the edge are counted (those deep
 on the same side at both positions add the same to both scores), which keeps the margin comparable between a
 small section and a capture area full of tissue. Measured (``docs/reliability.md``): the published HER2ST, MOB
-and Visium slides score at most 0.10 (HER2ST C4); the same slides moved by 0.6 pitch or more score 0.23 and
-above, the demo's shifted slides 0.5 and above.
+and Visium slides score at most 0.07; the same slides moved by 0.6 pitch or more score 0.21 and above, the demo's
+shifted slides 0.5 and above.
+
+Legacy ST arrays also leave a faint imprint of every printed spot on the glass. Where enough of them are visible
+around the grid and agree, they correct the proposal to about a pixel (:func:`imprint_offset`); the tissue
+outline alone leaves 0.1-0.25 pitch of doubt on real slides (HER2ST C3: 13.5 px).
 """
 
 from __future__ import annotations
