@@ -1087,8 +1087,8 @@ NOTEBOOKS["09_evaluation_and_report"] = [
         and writes a run folder with `report.html`; it returns the content of the run's `metrics.json`
         (`hevisum.pipeline.run` does the same and returns a typed `RunResult` instead). Here with `encoder-ridge` as
         the only method beside the baselines, to keep it quick; by default `hevisum run` (the fast profile) runs
-        `encoder-ridge` and `encoder-mlp`. The output folder must be new, empty or an earlier hevisum run folder:
-        nothing else is ever overwritten.
+        `encoder-ridge` and `encoder-mlp`. The output folder must be new, empty or an earlier hevisum run folder
+        (marked by its `.hevisum-run.json`): nothing else is ever overwritten.
     '''),
     code('''
         from hevisum.pipeline import run_pipeline

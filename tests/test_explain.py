@@ -4,11 +4,14 @@ Completeness: the attributions of a tile sum to f(tile) − f(baseline). The tes
 |f(tile) − f(baseline)| for every tile/target pair, with fixed step counts measured to hold with a margin:
 
 * ``VisionMLP_MultiTask`` (random init, 24 px tiles, 8 px subtiles; SiLU/LeakyReLU/max-pool): 64 Gauss-Legendre
-  steps, black and white baselines (measured at most about 2 %).
-* EfficientNet-Lite0 ``forward_stages`` → per-slide z-score → ridge (72 px tiles resized to 48 px): 64 steps,
-  white baseline (measured at most about 2.5 %). The synthetic slide includes tiles faded towards the background,
-  as real slides do at the tissue edge; without them many features are almost constant on the slide, the
-  z-score magnifies them a million-fold on the way to the baseline, and hundreds of steps are needed.
+  steps, black and white baselines (measured: at most 1.3 %).
+* EfficientNet-Lite0 ``forward_stages`` stage statistics → per-slide z-score → ridge (72 px tiles resized to
+  48 px): 128 steps, white and blurred baselines (measured: at most 1.5 %; 64 steps give up to 4.5 %).
+
+The chain with Lite0's pooled 1280-d features (ReLU6 output) is checked for exactness against the pipeline's
+prediction, not for completeness: channels almost never active on a slide get unit variance from the
+standardisation and swing the output far beyond its end points along the path (see ``integrated_gradients``).
+The relative criterion is undefined where f(tile) = f(baseline), so each tile explains the target it moves most.
 """
 
 from __future__ import annotations
@@ -81,11 +84,8 @@ def cnn_forward():
     return tile_model_forward(VisionMLP_MultiTask(n_outputs=5))
 
 
-@pytest.fixture(scope="module")
-def lite0_chain():
-    """Lite0 stages → slide z-score → RidgeHead fitted on the slide, plus the slide's tiles and features."""
-    tiles = he_tiles(48, 72, seed=1, fade=True)
-    embed = lite0_embed(kind="effnet-stages", input_size=48)
+def fit_chain(embed, tiles):
+    """Features of the slide's tiles → slide statistics → RidgeHead on synthetic targets → the chain."""
     with torch.no_grad():
         feats = embed(torch.from_numpy(tiles.astype(np.float32))).numpy()
     mean, std = slide_statistics(feats)
@@ -94,7 +94,26 @@ def lite0_chain():
     y = z[:, :40] @ rng.normal(size=(40, 4)) / 6 + rng.normal(size=(len(z), 4))
     head = RidgeHead().fit(z, y)
     chain = feature_head_forward(embed, mean, std, *fold_ridge_head(head))
-    return {"chain": chain, "tiles": tiles, "feats": feats, "mean": mean, "std": std, "head": head, "z": z}
+    return {"chain": chain, "tiles": tiles, "feats": feats, "mean": mean, "std": std, "head": head}
+
+
+@pytest.fixture(scope="module")
+def slide_tiles():
+    """A synthetic slide of 48 tiles, some faded towards the background as at the tissue edge."""
+    return he_tiles(48, 72, seed=1, fade=True)
+
+
+@pytest.fixture(scope="module")
+def lite0_chain(slide_tiles):
+    """Lite0 ``forward_stages`` (2848 columns, as the effnet-stages features) → slide z-score → ridge."""
+    return fit_chain(lite0_embed(kind="effnet-stages", input_size=48), slide_tiles)
+
+
+@pytest.fixture(scope="module")
+def lite0_stage_chain(lite0_chain, slide_tiles):
+    """The same encoder, stage statistics only (the first 1568 columns) → slide z-score → ridge."""
+    enc = lite0_chain["chain"].embed.encoder
+    return fit_chain(lite0_embed(enc, kind="effnet-stages", input_size=48, columns=slice(0, 1568)), slide_tiles)
 
 
 def test_pixel_preprocessing_matches_normalise_uint8(cnn_forward):
@@ -164,20 +183,46 @@ def test_feature_chain_equals_pipeline_prediction(lite0_chain):
     np.testing.assert_allclose(out2, expected, atol=1e-3 * np.abs(expected).max())
 
 
-def test_ig_completeness_lite0_ridge_chain(lite0_chain):
-    chain, tiles = lite0_chain["chain"], lite0_chain["tiles"][:4]
-    # relative completeness is undefined where f(x) = f(baseline): explain, per tile, the target the tile moves
-    # most away from the baseline (several different targets over the four tiles)
-    moves = np.stack([output_difference(chain, tiles, t, baseline="white") for t in range(4)], axis=1)
+def test_fold_ridge_head_with_and_without_pca():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 12)) * rng.uniform(0.1, 10, 12) + 3, rng.normal(size=(60, 3))
+    head = RidgeHead(alpha=3.0).fit(x, y)
+    coef, intercept = fold_ridge_head(head)
+    np.testing.assert_allclose(x @ coef.T + intercept, head.predict(x), atol=1e-10)
+    mean = x.mean(axis=0)
+    comps = np.linalg.svd(x - mean, full_matrices=False)[2][:5]
+    probe = RidgeHead(alpha=3.0).fit((x - mean) @ comps.T, y)
+    coef, intercept = fold_ridge_head(probe.state(), pca_mean=mean, pca_components=comps)
+    np.testing.assert_allclose(x @ coef.T + intercept, probe.predict((x - mean) @ comps.T), atol=1e-10)
+
+
+@pytest.mark.parametrize("baseline", ["white", "blur"])
+def test_ig_completeness_lite0_ridge_chain(lite0_stage_chain, baseline):
+    chain, tiles = lite0_stage_chain["chain"], lite0_stage_chain["tiles"][:6]
+    moves = np.stack([output_difference(chain, tiles, t, baseline=baseline) for t in range(4)], axis=1)
     targets = np.abs(moves).argmax(axis=1)
     assert len(set(targets.tolist())) >= 2
-    attr, delta = integrated_gradients(chain, tiles, targets, baseline="white", steps=64, batch_size=32)
-    diff = output_difference(chain, tiles, targets, baseline="white")
+    attr, delta = integrated_gradients(chain, tiles, targets, baseline=baseline, steps=128, batch_size=32)
+    diff = output_difference(chain, tiles, targets, baseline=baseline)
     err = relative_error(delta, diff)
-    print(f"lite0-stages ridge 48px white 64 steps: targets {targets} |f(x)-f(b)| {np.abs(diff)} "
-          f"relative error {err}")
+    print(f"lite0 stage statistics, ridge, 48px, {baseline}, 128 steps: targets {targets} "
+          f"|f(x)-f(b)| {np.abs(diff)} relative error {err}")
     assert np.all(np.isfinite(attr))
     assert np.all(err < 0.05), err
+
+
+def test_linear_model_is_exact_and_state_is_restored():
+    """For a linear model IG is exact at any step count: attribution = (x − baseline) × weight."""
+    tiles = he_tiles(3, 6)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(6 * 6 * 3, 2)).train()
+    with torch.inference_mode():  # as a caller inside a prediction loop would be
+        attr, delta = integrated_gradients(model, tiles, [1, 0, 1], baseline="white", steps=2)
+    assert model.training and model[1].training  # modes given back
+    w = model[2].weight.detach().numpy().reshape(2, 6, 6, 3)
+    expected = (tiles.astype(np.float64) - 255.0) * w[[1, 0, 1]]
+    np.testing.assert_allclose(attr, expected, rtol=1e-4, atol=1e-4)
+    assert np.all(np.abs(delta) < 1e-3)
 
 
 def test_baselines_and_inputs():

@@ -18,6 +18,7 @@ import random
 import shutil
 import struct
 import traceback
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -671,15 +672,25 @@ def _listing(root: Path) -> dict[str, tuple]:
     return out
 
 
+# Warnings a command-line run prints on stderr (Python hides these categories by default outside __main__).
+_HIDDEN = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
 def _run(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit code and stderr of one in-process run; warnings it emits are added to stderr as a real run would
+    print them."""
     capsys.readouterr()
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse: not expected from these command lines
-        rc = e.code
-    except BaseException:  # noqa: BLE001 - anything escaping main is the failure this suite looks for
-        pytest.fail(f"exception escaped hevisum.cli.main({argv!r}):\n{traceback.format_exc()}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse: not expected from these command lines
+            rc = e.code
+        except BaseException:  # noqa: BLE001 - anything escaping main is the failure this suite looks for
+            pytest.fail(f"exception escaped hevisum.cli.main({argv!r}):\n{traceback.format_exc()}")
     _, err = capsys.readouterr()
+    shown = [w for w in caught if not issubclass(w.category, _HIDDEN)]
+    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown)
     return rc, err
 
 

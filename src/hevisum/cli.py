@@ -158,10 +158,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hevisum.io.atomic import check_output
     from hevisum.pipeline import run_pipeline
 
-    check_output(args.out, force=args.force, protect=[args.input, args.config, args.truth], kind="run")
+    check_output(args.out, force=args.force, protect=[*args.inputs, args.config, args.truth], kind="run")
     run_pipeline(
         overrides=_run_overrides(args),
-        inputs=[args.input] if args.input else None,
+        inputs=list(args.inputs) or None,
         out=Path(args.out),
         config_path=args.config,
         profile=args.profile,
@@ -270,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Preprocess, leave-one-slide-out cross-validation, train, ensemble and stack, "
                        "predict the Test slides, evaluate and write report.html. With no INPUT it runs on "
                        "generated demo data.")
-    r.add_argument("input", nargs="?", default=None, metavar="INPUT", help=INPUT_HELP + " (default: demo data)")
+    r.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help=INPUT_HELP + "; several inputs, or a manifest CSV (columns path, slide, split, group and "
+                   "optionally fullres, targets, um_per_px: one row per slide; slides of one group, a patient, are "
+                   "held out together) (default: generated demo data)"),
     r.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
     r.add_argument("--config", default=None, metavar="FILE", help="TOML config (see docs/config.md)")
     r.add_argument("--profile", default=None, choices=["fast", "reference"],

@@ -40,9 +40,10 @@ class Folds:
 
 
 def make_folds(spots: pd.DataFrame, n_blocks: int = 4, seed: int = 0) -> Folds:
-    """Folds from a prepared spots table (columns slide, split, x, y; row order = tile order).
+    """Folds from a prepared spots table (columns slide, split, x, y, optional group; row order = tile order).
 
-    With two or more training slides: leave one slide out. With a single training slide (one Visium
+    When a ``group`` column (a patient, say) puts several training slides in one group and there are at least two
+    groups: leave one group out. Else with two or more training slides: leave one slide out. With a single training slide (one Visium
     section, say) there is no other slide to hold out, so the slide is cut into ``n_blocks`` spatially
     contiguous blocks (k-means on the spot coordinates) and each block is held out in turn; neighbouring
     spots are correlated, so whole blocks, not random spots, keep the estimate honest.
@@ -50,6 +51,12 @@ def make_folds(spots: pd.DataFrame, n_blocks: int = 4, seed: int = 0) -> Folds:
     train = spots.index[spots["split"] == "train"].to_numpy()
     test = spots.index[spots["split"] == "test"].to_numpy()
     slides = spots.loc[train, "slide"].astype(str).to_numpy()
+    if "group" in spots:
+        groups = spots.loc[train, "group"].astype(str).to_numpy()
+        pairs = set(zip(slides.tolist(), groups.tolist()))
+        # groups (patients) with several slides: hold out whole groups, so no patient is in both sides of a fold
+        if len(set(groups.tolist())) >= 2 and len(pairs) > len(set(groups.tolist())):
+            return Folds(slides=groups, train_rows=train, test_rows=test)
     if len(train) == 0:
         raise HevisumError("no training spots with targets: mark at least one slide as Train (it needs targets)")
     if len(set(slides)) < 2:
@@ -141,10 +148,15 @@ def cross_validate_method(name: str, folds: Folds, Y_fit: np.ndarray, cfg: RunCo
             except HevisumError:
                 m = None
         if m is None:
+            if folder is not None:
+                # a network's per-epoch state, named by what it is fitted on: a resumed run continues it
+                fctx = replace(fctx, checkpoint=folder.parent / f".{folder.name}.{digest[:16]}.ckpt")
             m = cls(cfg).fit(X_fit, Y_fit[fit_rows], rows=fit_rows, groups=folds.slides[fit_mask], ctx=fctx)
             if folder is not None:
                 m.save(folder, train_slides=sorted(set(folds.slides[fit_mask].tolist())), target_names=names,
                        digest=digest)
+                for stale in folder.parent.glob(f".{folder.name}.*.ckpt"):
+                    stale.unlink()
         oof[held_mask] = m.predict(None if features is None else features[held_rows], rows=held_rows, ctx=fctx)
         if len(folds.test_rows):
             test_folds.append(m.predict(None if features is None else features[folds.test_rows],

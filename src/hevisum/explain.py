@@ -24,7 +24,9 @@ slowly than for smooth networks: check ``convergence_delta`` and raise ``steps``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,28 +111,33 @@ def tile_model_forward(model: nn.Module, *, input_size: int | None = None) -> Pi
 
 class EncoderEmbed(nn.Module):
     """Pixels → :class:`PixelInput` → one feature method of an encoder (``forward_features``,
-    ``forward_stages`` ...): the frozen-encoder features of a tile, differentiable w.r.t. its pixels."""
+    ``forward_stages`` ...): the frozen-encoder features of a tile, differentiable w.r.t. its pixels.
+    ``columns`` (a slice or indices) keeps only those feature columns."""
 
-    def __init__(self, encoder: nn.Module, method: str = "forward_features", input_size: int | None = None) -> None:
+    def __init__(self, encoder: nn.Module, method: str = "forward_features", input_size: int | None = None,
+                 columns: slice | Sequence[int] | None = None) -> None:
         super().__init__()
         if not callable(getattr(encoder, method, None)):
             raise HevisumError(f"encoder {type(encoder).__name__} has no {method} method")
         self.pre = PixelInput(input_size)
         self.encoder = encoder
         self.method = method
+        self.columns = columns if columns is None or isinstance(columns, slice) else list(columns)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) pixel values → (N, F) features."""
-        return getattr(self.encoder, self.method)(self.pre(pixels)).float()
+        f = getattr(self.encoder, self.method)(self.pre(pixels)).float()
+        return f if self.columns is None else f[:, self.columns]
 
 
-def lite0_embed(encoder: nn.Module | None = None, *, kind: str = "effnet", input_size: int | None = 112
-                ) -> EncoderEmbed:
+def lite0_embed(encoder: nn.Module | None = None, *, kind: str = "effnet", input_size: int | None = 112,
+                columns: slice | Sequence[int] | None = None) -> EncoderEmbed:
     """EfficientNet-Lite0 features of pixel tiles, as :func:`hevisum.features.compute_features` computes them.
 
     ``kind`` ``"effnet"``: ``forward_features``, the pooled 1280-d embedding; ``"effnet-stages"``:
     ``forward_stages``, every stage's mean and standard deviation then the 1280-d embedding (2848 columns, the
-    pooled features last). ``encoder`` None loads the ImageNet weights (:func:`load_pretrained_lite0`).
+    pooled features last; ``columns=slice(0, 1568)`` keeps the stage statistics alone). ``encoder`` None loads
+    the ImageNet weights (:func:`load_pretrained_lite0`).
     ``input_size`` must be the size the features were computed at (``models.encoder_input`` of the run).
     The features are computed in float32 here; cached features may come from bfloat16 autocast, so they agree
     to bfloat16 precision only.
@@ -143,7 +150,7 @@ def lite0_embed(encoder: nn.Module | None = None, *, kind: str = "effnet", input
         from hevisum.models.effnet import load_pretrained_lite0
 
         encoder = load_pretrained_lite0()
-    return EncoderEmbed(encoder, methods[kind], input_size).eval()
+    return EncoderEmbed(encoder, methods[kind], input_size, columns).eval()
 
 
 def slide_statistics(features: np.ndarray, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
@@ -155,12 +162,14 @@ def slide_statistics(features: np.ndarray, eps: float = 1e-6) -> tuple[np.ndarra
     return x.mean(axis=0), x.std(axis=0) + eps
 
 
-def fold_ridge_head(head: Any) -> tuple[np.ndarray, np.ndarray]:
+def fold_ridge_head(head: Any, *, pca_mean: np.ndarray | None = None,
+                    pca_components: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(coef (T, F), intercept (T,)) of a fitted :class:`~hevisum.models.baselines.RidgeHead` with its own
     feature scaler folded in: ``RidgeHead.predict(X) == X @ coef.T + intercept``.
 
     ``head`` is the head or its :meth:`~hevisum.models.baselines.RidgeHead.state` dict (x_mean, x_scale, coef,
-    intercept).
+    intercept). A head fitted on a PCA projection ``(X - pca_mean) @ pca_components.T`` (the encoder probe)
+    gives the map on X itself when both are given.
     """
     st = head.state() if hasattr(head, "state") else head
     try:
@@ -168,12 +177,24 @@ def fold_ridge_head(head: Any) -> tuple[np.ndarray, np.ndarray]:
         coef = np.atleast_2d(np.asarray(st["coef"], np.float64))
         intercept = np.atleast_1d(np.asarray(st["intercept"], np.float64))
     except (KeyError, TypeError):
-        raise HevisumError("head must be a fitted RidgeHead or its state() (x_mean, x_scale, coef, intercept)") from None
+        msg = "head must be a fitted RidgeHead or its state() (x_mean, x_scale, coef, intercept)"
+        raise HevisumError(msg) from None
     if coef.shape[1] != x_mean.shape[0] or x_scale.shape != x_mean.shape:
         raise HevisumError(f"ridge state shapes disagree: coef {coef.shape}, x_mean {x_mean.shape}, "
                            f"x_scale {x_scale.shape}")
     w = coef / x_scale
-    return w, intercept - w @ x_mean
+    b = intercept - w @ x_mean
+    if (pca_mean is None) != (pca_components is None):
+        raise HevisumError("give both pca_mean and pca_components, or neither")
+    if pca_components is not None:
+        comps = np.atleast_2d(np.asarray(pca_components, np.float64))
+        centre = np.asarray(pca_mean, np.float64).ravel()
+        if comps.shape[0] != w.shape[1] or comps.shape[1] != centre.shape[0]:
+            raise HevisumError(f"pca_components {comps.shape} and pca_mean {centre.shape} do not fit a head on "
+                               f"{w.shape[1]} components")
+        w = w @ comps
+        b = b - w @ centre
+    return w, b
 
 
 class FeatureHeadForward(nn.Module):
@@ -305,6 +326,26 @@ def make_baseline(tiles_uint8: np.ndarray, baseline: str | np.ndarray = "black",
     return np.ascontiguousarray(arr)
 
 
+@contextlib.contextmanager
+def _prepared(forward: Any, device: torch.device) -> Iterator[None]:
+    """Run an ``nn.Module`` in eval mode on ``device``; afterwards every submodule gets its own training flag
+    back and the module returns to the device of its first parameter or buffer."""
+    if not isinstance(forward, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in forward.modules()]
+    first = next(itertools.chain(forward.parameters(), forward.buffers()), None)
+    home = first.device if first is not None else None
+    forward.to(device).eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        if home is not None:
+            forward.to(home)
+
+
 def _targets(target_index: int | Sequence[int] | np.ndarray, n: int) -> list[int]:
     if isinstance(target_index, (int, np.integer)) and not isinstance(target_index, bool):
         idx = [int(target_index)] * n
@@ -343,13 +384,18 @@ def integrated_gradients(
 
     ``rtol`` refines where the integral has not converged: tiles whose |convergence_delta| exceeds
     ``rtol`` × |f(tile) − f(baseline)| are attributed again with twice the steps, until they pass or the steps
-    would exceed ``max_steps``. How many steps suffice depends on the network: a smooth one (SiLU, LeakyReLU,
-    such as ``VisionMLP_MultiTask``) is within a few percent at 64; EfficientNet-Lite0 (ReLU6) behind a per-slide
-    z-score typically needs 128 to 512, more for baselines far from the slide's tiles (black), because the
-    standardisation magnifies features that hardly vary on the slide.
+    would exceed ``max_steps``.
 
-    Returns (attributions float32 (N, H, W, 3), in the input pixels' space: attribution × 1 pixel value;
-    convergence_delta float32 (N,) = sum of the tile's attributions − (f(tile) − f(baseline))).
+    How many steps suffice depends on the network and the baseline. A smooth network (SiLU, LeakyReLU, such as
+    ``VisionMLP_MultiTask``) is within a few percent at 64. EfficientNet-Lite0 (ReLU6) behind a per-slide z-score
+    and a ridge head needs 64 to 128 for its stage statistics with a white or blurred baseline, more with a black
+    one (far from any H&E tile). Its pooled 1280-d features are harder: a ReLU6 channel that is almost never
+    active on the slide gets unit variance from the standardisation, and where it switches on along the path
+    it swings the prediction far beyond both end points, so the integral may not converge even at 512 steps.
+    Always look at ``convergence_delta`` relative to f(tile) − f(baseline) (:func:`output_difference`).
+
+    Returns (attributions float32 (N, H, W, 3): one value per pixel and channel of the uint8 input, in the
+    output's units; convergence_delta float32 (N,) = sum of the tile's attributions − (f(tile) − f(baseline))).
     """
     from captum.attr import IntegratedGradients
 
@@ -375,13 +421,6 @@ def integrated_gradients(
     if n == 0:
         return attributions, deltas
 
-    module = forward if isinstance(forward, nn.Module) else None
-    was_training = module.training if module is not None else False
-    first = next(iter(module.parameters()), None) if module is not None else None
-    home = first.device if first is not None else None
-    if module is not None:
-        module.to(dev).eval()
-
     def checked(x: torch.Tensor) -> torch.Tensor:
         out = forward(x)
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
@@ -404,24 +443,18 @@ def integrated_gradients(
             attributions[sel] = attr.detach().float().cpu().numpy()
             deltas[sel] = delta.detach().float().cpu().numpy()
 
-    try:
-        # attributions need autograd even when the caller is inside torch.inference_mode()/no_grad()
-        with torch.inference_mode(False), torch.enable_grad():
-            attribute(np.arange(n), steps)
-            n_steps = steps
-            while rtol is not None and 2 * n_steps <= max_steps:
-                # f(tile) − f(baseline) = sum of attributions − delta, by the definition of delta
-                diff = attributions.sum(axis=(1, 2, 3), dtype=np.float64) - deltas
-                todo = np.flatnonzero(np.abs(deltas) > rtol * np.abs(diff))
-                if todo.size == 0:
-                    break
-                n_steps *= 2
-                attribute(todo, n_steps)
-    finally:
-        if module is not None:
-            module.train(was_training)
-            if home is not None:
-                module.to(home)
+    # attributions need autograd even when the caller is inside torch.inference_mode()/no_grad()
+    with _prepared(forward, dev), torch.inference_mode(False), torch.enable_grad():
+        attribute(np.arange(n), steps)
+        n_steps = steps
+        while rtol is not None and 2 * n_steps <= max_steps:
+            # f(tile) − f(baseline) = sum of attributions − delta, by the definition of delta
+            diff = attributions.sum(axis=(1, 2, 3), dtype=np.float64) - deltas
+            todo = np.flatnonzero(np.abs(deltas) > rtol * np.abs(diff))
+            if todo.size == 0:
+                break
+            n_steps *= 2
+            attribute(todo, n_steps)
     return attributions, deltas
 
 
@@ -434,24 +467,17 @@ def output_difference(forward: nn.Module | Callable[[torch.Tensor], torch.Tensor
     tiles = _check_tiles(tiles_uint8)
     targets = np.asarray(_targets(target_index, tiles.shape[0]))
     base = make_baseline(tiles, baseline, blur_sigma=blur_sigma)
-    module = forward if isinstance(forward, nn.Module) else None
-    was_training = module.training if module is not None else False
-    if module is not None:
-        module.eval()
+    dev = torch.device(device)
     out = np.zeros(tiles.shape[0], dtype=np.float64)
-    try:
-        with torch.no_grad():
-            for start in range(0, tiles.shape[0], batch_size):
-                sl = slice(start, start + batch_size)
-                x = torch.from_numpy(tiles[sl].astype(np.float32)).to(device)
-                b = torch.from_numpy(np.ascontiguousarray(base[sl])).to(device)
-                rows = torch.arange(x.shape[0])
-                t = torch.as_tensor(targets[sl])
-                fx, fb = forward(x).float().cpu()[rows, t], forward(b).float().cpu()[rows, t]
-                out[sl] = (fx - fb).double().numpy()
-    finally:
-        if module is not None:
-            module.train(was_training)
+    with _prepared(forward, dev), torch.no_grad():
+        for start in range(0, tiles.shape[0], batch_size):
+            sl = slice(start, start + batch_size)
+            x = torch.from_numpy(tiles[sl].astype(np.float32)).to(dev)
+            b = torch.from_numpy(np.ascontiguousarray(base[sl])).to(dev)
+            rows = torch.arange(x.shape[0])
+            t = torch.as_tensor(targets[sl])
+            fx, fb = forward(x).float().cpu()[rows, t], forward(b).float().cpu()[rows, t]
+            out[sl] = (fx - fb).double().numpy()
     return out
 
 
@@ -670,7 +696,7 @@ def save_tile_overlays(out_dir: str | Path, tiles_uint8: np.ndarray, attribution
         raise HevisumError(f"got {tiles.shape[0]} tiles, {attrs.shape[0]} attributions and {len(ids)} spot ids")
     folder = Path(out_dir) / safe_name(target)
     paths = []
-    for tile, attr, spot in zip(tiles, attrs, ids):
+    for tile, attr, spot in zip(tiles, attrs, ids, strict=True):
         fig = attribution_overlay(tile, attr, title=f"{spot} · {target}", **overlay_kw)
         paths.append(save_png(fig, folder / f"{safe_name(spot)}.png", dpi=dpi))
     return paths

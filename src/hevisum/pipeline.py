@@ -249,15 +249,29 @@ def cross_validate_stage(prep, targets: Targets, methods: list[str], cfg: RunCon
 
 def test_stage(prep, cv: CVResult, targets: Targets, cfg: RunConfig, truth_df: pd.DataFrame | None,
                truth_name: str, out: Path, thumbs: dict) -> TestResult:
-    """Predict the test slides with every method; write the selected one's outputs; score when truth is known."""
+    """Predict the test slides with every method; write the selected one's outputs (test spots and the
+    out-of-fold predictions of the training spots); score when truth is known."""
+    from hevisum.outputs import run_info, truth_rows
+
     folds = cv.folds
     preds = {r.name: r.test_ensemble for r in cv.results}
     if cv.stack is not None:
         preds[stacker_name()] = cv.stack.test
+    selected = cv.selection.selected
+    oof = cv.stack.oof if cv.stack is not None and selected == stacker_name() else \
+        next(r.oof for r in cv.results if r.name == selected)
+    n_t = len(targets.names)
+    rows = np.concatenate([folds.test_rows, folds.train_rows])
+    order = np.argsort(rows, kind="stable")  # tile order
+    spots = prep.spots.iloc[folds.test_rows]
+    test_pred = preds[selected] if len(folds.test_rows) else np.zeros((0, n_t), np.float32)
+    write_prediction_outputs(
+        out, prep.spots.iloc[rows[order]], np.concatenate([test_pred, oof])[order], targets.names, thumbs,
+        split=np.array(["test"] * len(folds.test_rows) + ["train_oof"] * len(folds.train_rows))[order],
+        truth=np.concatenate([truth_rows(spots, truth_df, n_t), targets.raw[folds.train_rows]])[order],
+        info=run_info(cfg, selected))
     if not len(folds.test_rows):
         return TestResult(preds={}, metrics=None)
-    spots = prep.spots.iloc[folds.test_rows]
-    write_prediction_outputs(out, spots, preds[cv.selection.selected], targets.names, thumbs)
     for name, pred in preds.items():
         prediction_frame(spots, pred).to_csv(out / f"test_{name}.csv", index=False)
     metrics = None
@@ -341,9 +355,12 @@ def run(inputs: list[str] | None, out: Path, *, config_path: str | None = None, 
         atomic_write_text(tmp / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
         result = RunResult(out=out, cfg=cfg, prep=prep, targets=targets, cv=cv, test=test, metrics=metrics,
                            thumbs=thumbs)
+        from hevisum.outputs import format_written
         from hevisum.report.html import write_report
 
-        write_report(tmp, result)
+        write_report(tmp, result)  # adds the embedding QC to metrics
+        atomic_write_text(tmp / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
+        say(format_written(tmp, out), progress)
     say(f"done in {time.perf_counter() - t_start:.0f} s: {out}/report.html", progress)
     return result
 

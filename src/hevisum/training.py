@@ -8,9 +8,11 @@ draw from explicit generators, in the main process, whatever the number of loade
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -190,11 +192,15 @@ class FoldResult:
 def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
                      fit_targets: np.ndarray, val_truth: np.ndarray, cfg: TrainConfig, *, seed: int = 0,
                      device: str = "cpu", progress: bool = False,
-                     desc: str = "train") -> FoldResult:
+                     desc: str = "train", checkpoint: Path | None = None) -> FoldResult:
     """Train ``model`` on ``tiles[train_rows]`` against ``fit_targets[train_rows]``.
 
     ``val_truth`` (n_val, T) are the raw validation targets: early stopping watches the competition
     metric (mean per-spot Spearman) on them, and the weights of the best epoch are returned.
+
+    ``checkpoint``: after every epoch the whole training state (weights, optimizer, best weights so far, the
+    random generators, the log) is written there; when the file exists at the start, training continues from it,
+    and the result is the same as an uninterrupted run's. The caller removes it once the fold model is saved.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -219,7 +225,21 @@ def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows:
     t0 = time.perf_counter()
     step = 0
     bad_epochs = 0
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    start_epoch = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["torch_rng"])
+        gen.set_state(ck["gen"])
+        rng.bit_generator.state = json.loads(ck["numpy_rng"])
+        best = (ck["best_score"], ck["best_epoch"], ck["best_state"] or None)
+        log_rows, step, bad_epochs, start_epoch = json.loads(ck["log"]), ck["step"], ck["bad_epochs"], ck["epoch"]
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+    stopped = bad_epochs >= cfg.patience
+    bar = tqdm(range(start_epoch, cfg.epochs if not stopped else start_epoch), desc=desc, disable=not progress,
+               leave=False)
     for epoch in bar:
         model.train()
         # Shuffle (and subsample) in the main process with our own generator: order is independent of workers.
@@ -261,9 +281,27 @@ def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows:
             bad_epochs = 0
         else:
             bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
+        if checkpoint is not None:
+            _save_checkpoint(Path(checkpoint), {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "gen": gen.get_state(),
+                "numpy_rng": json.dumps(rng.bit_generator.state), "best_score": float(best[0]),
+                "best_epoch": int(best[1]), "best_state": best[2] or {}, "log": json.dumps(log_rows),
+                "step": step, "bad_epochs": bad_epochs, "epoch": epoch + 1,
+                "scaler": scaler.state_dict() if scaler is not None else {}})
+        if bad_epochs >= cfg.patience:
+            break
     state = best[2] if best[2] is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
     model.load_state_dict(state)
     return FoldResult(state_dict=state, best_epoch=best[1], best_score=float(best[0]), log=pd.DataFrame(log_rows),
                       seconds=time.perf_counter() - t0)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    import torch
+
+    from hevisum.io.atomic import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from hevisum.errors import HevisumError
 from hevisum.slide import Slide, check_same_targets, check_unique_ids
 
@@ -111,6 +113,89 @@ def _load(path: str | Path, *, targets: str | None, image: str, max_side: int | 
     return loaded
 
 
+MANIFEST_COLUMNS = ("path", "slide", "split", "group", "fullres", "targets", "um_per_px")
+
+
+def is_manifest(path: str | Path) -> bool:
+    """A CSV whose header names a ``path`` column: one input per row (see :func:`_load_manifest`)."""
+    p = Path(path)
+    if p.suffix.lower() != ".csv" or not p.is_file():
+        return False
+    try:
+        with open(p, encoding="utf-8") as fh:
+            head = fh.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "path" in [c.strip().lower() for c in head.split(",")]
+
+
+def _load_manifest(path: Path, *, targets, image, max_side, progress) -> tuple[list, list[str]]:
+    """Read the inputs a manifest CSV lists: ``path, slide, split, group`` and optionally ``fullres, targets,
+    um_per_px``. Paths are relative to the manifest's folder. ``slide`` picks one slide of a multi-slide input
+    (or names a single-slide one); ``split`` is train or test; ``group`` (a patient) makes cross-validation hold out
+    whole groups; ``fullres`` is the full-resolution image of a Visium folder; ``targets`` overrides --targets for
+    the row; ``um_per_px`` sets the scale where the input has none."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise HevisumError(f"{path}: not a readable manifest CSV ({str(e).splitlines()[0]})") from None
+    df.columns = [c.strip().lower() for c in df.columns]
+    unknown = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    if unknown:
+        raise HevisumError(f"{path}: unknown manifest column(s) {unknown}; valid columns are {list(MANIFEST_COLUMNS)}")
+    if df.empty:
+        raise HevisumError(f"{path}: the manifest lists no inputs")
+    out, test_ids = [], []
+    seen: dict = {}
+    for i, row in df.iterrows():
+        where = f"{path}, row {i + 2}"
+        rel = row.get("path", "").strip()
+        if not rel:
+            raise HevisumError(f"{where}: empty path")
+        p = (path.parent / rel) if not Path(rel).is_absolute() else Path(rel)
+        split = row.get("split", "").strip().lower()
+        if split not in ("", "train", "test"):
+            raise HevisumError(f"{where}: split {split!r} is not valid; use train or test")
+        um = row.get("um_per_px", "").strip()
+        try:
+            um_val = float(um) if um else None
+        except ValueError:
+            um_val = None
+        if um and not (um_val and np.isfinite(um_val) and 0 < um_val < 1000):
+            raise HevisumError(f"{where}: um_per_px {um!r} must be a positive number of microns per pixel")
+        fullres = row.get("fullres", "").strip()
+        key = (str(p.resolve()), row.get("targets", "").strip() or targets, fullres)
+        if key not in seen:  # rows naming slides of one multi-slide input read it once
+            seen[key] = _load(str(p), targets=key[1], image=str(path.parent / fullres) if fullres else image,
+                              max_side=max_side, slide_id=None, progress=progress)
+        items = list(seen[key])
+        want = row.get("slide", "").strip()
+        if want:
+            picked = [ls for ls in items if ls.slide.slide_id == want]
+            if not picked and len(items) == 1:
+                items[0].slide = replace(items[0].slide, slide_id=want)
+                picked = items
+            if not picked:
+                raise HevisumError(f"{where}: slide {want!r} is not in {p}; it has "
+                                   f"{[ls.slide.slide_id for ls in items]}")
+            items = picked
+        for ls in items:
+            s = ls.slide
+            meta = dict(s.meta)
+            if row.get("group", "").strip():
+                meta["group"] = row["group"].strip()
+            ls.slide = replace(s, meta=meta, um_per_px=um_val or s.um_per_px)
+            if split == "test":
+                test_ids.append(s.slide_id)
+            elif split == "train" and s.split == "test":
+                raise HevisumError(f"{where}: slide {s.slide_id!r} is a test slide in {p}; it cannot be a training "
+                                   "slide")
+        out.extend(items)
+    return out, test_ids
+
+
 def _downscale_slide(s: Slide, max_side: int) -> Slide:
     """Images already in memory (competition, .h5ad) shrunk to ``max_side``; coordinates follow."""
     from hevisum.io.images import downscale_image
@@ -157,6 +242,14 @@ def read_inputs(paths: Sequence[str | Path], *, targets: str | None = None, imag
         raise HevisumError(f"slide_id {slide_id!r} can only rename one input, got {len(paths)} inputs")
     loaded = []
     for p in paths:
+        if is_manifest(p):
+            if len(paths) > 1 or slide_id is not None:
+                raise HevisumError(f"{p}: a manifest lists every input itself; give it alone, without slide_id")
+            items, manifest_test = _load_manifest(Path(p), targets=targets, image=image, max_side=max_side,
+                                                  progress=progress)
+            loaded.extend(items)
+            test_slides = list(test_slides or []) + manifest_test
+            continue
         loaded.extend(_load(p, targets=targets, image=image, max_side=max_side, slide_id=slide_id,
                             progress=progress))
     check_unique_ids([ls.slide for ls in loaded])

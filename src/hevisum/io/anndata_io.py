@@ -9,7 +9,10 @@ Read:
 - targets: ``None`` = ``obsm['proportions']`` if present, else ``X`` (counts, i.e. non-negative integers,
   become the most variable genes of log1p(counts/total*1e4)); ``'X'`` = X as is; ``'counts'`` =
   ``layers['counts']`` (or X) as counts; any other name = that ``obsm`` key or layer;
-- split: ``obs['split']`` ('train'/'test') when present; a Test slide's values go to ``meta['truth']``.
+- split: ``obs['split']`` ('train'/'test') when present; a Test slide's values go to ``meta['truth']``;
+- kept for the outputs: ``obsm['spatial']`` as the spot columns ``pxl_col_in_fullres``/``pxl_row_in_fullres``,
+  ``obs`` ``in_tissue``/``array_row``/``array_col`` when numeric, and the library's id, scale factors and images
+  (``meta['library_id']``, ``meta['scalefactors']``, ``meta['library_images']``).
 
 Written (:func:`write_h5ad`): X = targets (NaN rows for Test slides without truth), ``var_names`` = target
 names, ``obs`` = slide, spot_id, split, ``obsm['spatial']`` in image pixels, and per slide
@@ -195,6 +198,26 @@ def _obsm_values(adata, key: str, p: Path) -> tuple[np.ndarray, list[str]]:
     return arr, names
 
 
+def _library_meta(spatial, sid: str, n_slides: int) -> dict:
+    """``library_id``, the original ``scalefactors`` and ``library_images`` of the slide's ``uns['spatial']``
+    library, as given (for the outputs); empty when there is none."""
+    if not isinstance(spatial, dict) or not spatial:
+        return {}
+    lib_id = sid if sid in spatial else (next(iter(spatial)) if len(spatial) == 1 and n_slides == 1 else None)
+    lib = spatial.get(lib_id) if lib_id is not None else None
+    if not isinstance(lib, dict):
+        return {}
+    out: dict = {"library_id": str(lib_id)}
+    sf = lib.get("scalefactors")
+    if isinstance(sf, dict):
+        out["scalefactors"] = {str(k): float(np.asarray(v).ravel()[0]) for k, v in sf.items()
+                               if np.asarray(v).dtype.kind in "iuf" and np.size(v) == 1}
+    images = lib.get("images")
+    if isinstance(images, dict):
+        out["library_images"] = {k: np.asarray(v) for k, v in images.items() if k in ("hires", "lowres")}
+    return out
+
+
 def load_h5ad(path: str | Path, *, targets: str | None = None, image: str = "auto",
               max_side: int | None = None) -> list[LoadedSlide]:
     """Read an .h5ad into slides; counts are left pending for joint gene selection (see :func:`read_h5ad`)."""
@@ -235,6 +258,12 @@ def _load(adata, p: Path, targets: str | None, image: str, max_side: int | None)
         img, sx, sy, meta = _image_for(adata, sid, p, image, max_side, len(sids))
         xy = xy_all[rows, :2]
         spots = pd.DataFrame({"spot_id": spot_ids[rows], "x": xy[:, 0] * sx, "y": xy[:, 1] * sy})
+        # the input's own frame and spot columns, kept for the outputs (predictions.h5ad joins the user's data)
+        spots["pxl_col_in_fullres"], spots["pxl_row_in_fullres"] = xy[:, 0], xy[:, 1]
+        for col in ("in_tissue", "array_row", "array_col"):
+            if col in adata.obs.columns and pd.api.types.is_numeric_dtype(adata.obs[col]):
+                spots[col] = adata.obs[col].to_numpy()[rows]
+        meta.update(_library_meta(adata.uns.get("spatial"), sid, len(sids)))
         um = None
         lib_md = ((adata.uns.get("spatial") or {}).get(sid) or {}).get("metadata") or {}
         if "um_per_px" in lib_md:

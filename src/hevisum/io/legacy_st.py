@@ -295,6 +295,11 @@ def load_legacy_st_folder(path: str | Path, *, targets: str | None = None, image
         ls = load_legacy_st(img, spots, tp, sec, counts=counts, max_side=max_side)
         ls.slide.source = str(root)
         ls.slide.meta.update({"layout": layout, "targets_choice": chosen})
+        if layout == "her2st":
+            # HER2ST names sections <patient letter><section number> (A1..H3): sections of one patient are a group,
+            # so cross-validation holds out whole patients when there are several
+            m = re.match(r"[A-Za-z]+", sec)
+            ls.slide.meta["group"] = m.group(0) if m else sec
         loaded.append(ls)
     return loaded
 

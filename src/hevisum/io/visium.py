@@ -12,6 +12,9 @@ Layout read (the folder given is the one holding ``spatial/``, or ``spatial/`` i
     <sample>/<one table named *proportion* or *celltype*>   barcode-keyed targets (used when targets=None)
 
 Coordinates: ``x = pxl_col_in_fullres * scalef``, ``y = pxl_row_in_fullres * scalef`` for the image used.
+The spot table also keeps ``in_tissue``, ``array_row``, ``array_col``, ``pxl_row_in_fullres`` and
+``pxl_col_in_fullres`` as read, and ``meta['scalefactors']`` / ``meta['spatial_dir']`` the original scale factors
+and folder, so ``predictions.h5ad`` is written in the input's full-resolution frame.
 Only in-tissue spots are kept, then only those with a targets row (``meta['n_dropped_no_target']``).
 """
 
@@ -303,9 +306,16 @@ def load_visium(path: str | Path, *, targets: str | None = None, image: str = "a
     y = pos["pxl_row_in_fullres"].to_numpy(np.float64) * scale * sy
     spots = pd.DataFrame({"spot_id": pos["barcode"].to_numpy(), "x": x, "y": y,
                           "array_row": pos["array_row"].to_numpy(np.int64),
-                          "array_col": pos["array_col"].to_numpy(np.int64)})
+                          "array_col": pos["array_col"].to_numpy(np.int64),
+                          # the input's own frame, kept for the outputs (predictions.h5ad joins the user's data)
+                          "in_tissue": pos["in_tissue"].to_numpy(np.int64),
+                          "pxl_row_in_fullres": pos["pxl_row_in_fullres"].to_numpy(np.float64),
+                          "pxl_col_in_fullres": pos["pxl_col_in_fullres"].to_numpy(np.float64)})
     meta: dict = {"format": "visium", "image": label, "image_file": str(img_path), "scale": scale * sx,
-                  "n_in_tissue": len(pos), "n_positions": n_all, "positions_file": pos_src}
+                  "n_in_tissue": len(pos), "n_positions": n_all, "positions_file": pos_src,
+                  "spatial_dir": str(spatial),
+                  "scalefactors": {k: float(v) for k, v in sf.items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)}}
     um_per_px = None
     diam = sf.get("spot_diameter_fullres")
     if isinstance(diam, (int, float)) and not isinstance(diam, bool) and 0 < diam < 1e7:

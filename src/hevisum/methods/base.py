@@ -83,6 +83,7 @@ class FitContext:
     seed: int = 0
     progress: bool = False
     desc: str = ""
+    checkpoint: Path | None = None  # where a trained network keeps its per-epoch training state (resume)
 
 
 class Method:

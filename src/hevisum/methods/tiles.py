@@ -28,7 +28,7 @@ class _TileMethod(Method):
         val = inner_validation(len(rows), ctx.seed)
         res = train_tile_model(net, ctx.tiles, rows[~val], rows[val], ctx.Y_fit, ctx.Y_raw[rows[val]],
                                self.cfg.train, seed=ctx.seed, device=ctx.device, progress=ctx.progress,
-                               desc=ctx.desc or self.name)
+                               desc=ctx.desc or self.name, checkpoint=ctx.checkpoint)
         self._net = net
         self.log = res.log
         self.params = {"n_outputs": int(Y.shape[1]), "best_epoch": res.best_epoch,

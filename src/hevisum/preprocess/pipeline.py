@@ -351,6 +351,7 @@ def _tables(slides: list[Slide], plans: list[dict], masks: dict, target_names: l
             "slide": s.slide_id, "spot_id": sp["spot_id"].astype(str).to_numpy(), "split": s.split,
             "x": xy[:, 0], "y": xy[:, 1], "x_in": sp["x"].to_numpy(float), "y_in": sp["y"].to_numpy(float),
             "pitch_px": plan["pitch"], "tile_px": plan["tile_px"], "valid": plan["valid"],
+            "group": str(s.meta.get("group", s.slide_id)), "um_per_px": s.um_per_px or np.nan,
         })
         if has_test_set:
             df["test_set"] = pd.array(sp["test_set"], dtype="Int64") if "test_set" in sp else \

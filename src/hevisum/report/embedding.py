@@ -115,7 +115,7 @@ def _categorical(ax: Any, xy: np.ndarray, labels: np.ndarray | None, title: str,
     if labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=point_size, c="#bdbdbd", linewidths=0)
         ax.text(0.5, 0.5, "not given", transform=ax.transAxes, ha="center", va="center", fontsize=9,
-                color="#555555")
+                color="#555555", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
         return
     names, counts = np.unique(labels, return_counts=True)
     order = names[np.argsort(-counts, kind="stable")]
@@ -133,7 +133,8 @@ def _categorical(ax: Any, xy: np.ndarray, labels: np.ndarray | None, title: str,
         text = plot_text(name)
         ax.scatter(xy[m, 0], xy[m, 1], s=point_size, color=cmap(i % cmap.N), linewidths=0,
                    label=f" {text}" if text.startswith("_") else text)
-    ax.legend(fontsize=6, markerscale=2.0, loc="best", frameon=False, ncols=1 if len(shown) <= 10 else 2)
+    ax.legend(fontsize=6, markerscale=2.0, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False,
+              ncols=1 if len(shown) <= 10 else 2)
 
 
 def _figure(coords: list[tuple[str, np.ndarray]], columns: list[tuple[str, np.ndarray | None]],
@@ -141,7 +142,7 @@ def _figure(coords: list[tuple[str, np.ndarray]], columns: list[tuple[str, np.nd
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2 * len(columns), 3.8 * len(coords)))
+    fig = Figure(figsize=(5.6 * len(columns), 3.8 * len(coords)))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(coords), len(columns), squeeze=False)
     n = coords[0][1].shape[0]
