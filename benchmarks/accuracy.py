@@ -31,7 +31,6 @@ error over spots. The last line is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile

@@ -846,8 +846,9 @@ NOTEBOOKS["07_loso_training"] = [
                   f"of the {len(fit_rows)} fitting spots")
             cnn = get_method("hevisum-cnn")(short).fit(None, Y_fit[fit_rows], rows=fit_rows,
                                                        groups=folds.slides[fit_mask], ctx=ctx)
-            pred = smooth_rows(cnn.predict(None, rows=held_rows, ctx=ctx), held_rows, prep.spots, cfg)
-            print(f"held-out {held}: CNN after {len(cnn.log)} short epochs {mean_spot_spearman(pred, Y_raw[held_rows]):.3f}; "
+            pred = smooth_rows(cnn.predict(None, rows=held_rows, ctx=ctx), held_rows, prep.spots, cfg)  # smoothed like the CV
+            score = mean_spot_spearman(pred, Y_raw[held_rows])
+            print(f"held-out {held}: CNN after {len(cnn.log)} short epochs {score:.3f}; "
                   f"encoder-ridge {summaries['encoder-ridge']['cv_fold_spot_spearman'][held]:.3f}; "
                   f"mean profile {summaries['mean']['cv_fold_spot_spearman'][held]:.3f}")
             fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -1118,9 +1119,11 @@ NOTEBOOKS["09_evaluation_and_report"] = [
         print(f"\\nopen {RUN / 'report.html'} in a browser for the whole report")
     '''),
     md('''
-        The report's figures: the methods beside the baselines (dots: held-out slides; diamond: test slide), the
-        per-target Pearson of the selected method, and maps of true vs out-of-fold predicted values on a held-out
-        slide.
+        `report.html` is one self-contained page (its figures embedded, and saved under `figures/` too). Some of
+        them: the methods beside the baselines (dots: held-out slides; diamond: test slide), the per-target Pearson
+        of the selected method, and the section of one held-out training slide: its H&E with the spots, the
+        per-spot Spearman of every spot, and for the most variable targets the truth (top) above the selected
+        method's out-of-fold prediction (bottom).
     '''),
     code('''
         from IPython.display import Image, display

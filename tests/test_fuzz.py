@@ -460,7 +460,7 @@ def _legacy_cases() -> None:
     def rename_section(new: str):
         def m(root: Path):
             leg = root / LEG
-            for old, nw in ((f"M1.png", f"{new}.png"), ("alignment_table_M1.tsv", f"alignment_table_{new}.tsv"),
+            for old, nw in (("M1.png", f"{new}.png"), ("alignment_table_M1.tsv", f"alignment_table_{new}.tsv"),
                             ("M1.tsv", f"{new}.tsv")):
                 (leg / old).rename(leg / nw)
         return m

@@ -3,7 +3,7 @@
     import hevisum
 
     slides = hevisum.read("sample/")                            # list[Slide], any input the CLI reads
-    result = hevisum.run(slides, "runs/one", config={"models": {"methods": ["encoder-ridge"]}})
+    result = hevisum.run(slides, "runs/one", config={"stacking": {"enabled": False}})
     pred = hevisum.predict("runs/one", adata)                   # AnnData, joinable onto ``adata``
     scores = hevisum.evaluate(pred, truth)                      # the numbers `hevisum evaluate` prints
 
@@ -43,7 +43,7 @@ def read(data, **opts) -> list[Slide]:
 
     _check_options(opts, READER_OPTIONS, "read")
     with _as_paths(data) as paths:
-        return read_inputs(paths, **opts)
+        return read_inputs(paths, **_marked_tests(opts, data))
 
 
 def run(data=None, out: str | Path = "hevisum-run", config: None | str | Path | dict = None, *,
@@ -54,7 +54,7 @@ def run(data=None, out: str | Path = "hevisum-run", config: None | str | Path | 
     ``out``; returns the typed :class:`~hevisum.pipeline.RunResult` (``.metrics`` is metrics.json's content).
 
     ``data``: paths, an AnnData, slides, or None for the generated demo dataset. ``config``: a TOML file, or a
-    dict of the same sections (``{"models": {"methods": ["encoder-ridge"]}, "stacking": {"enabled": False}}``).
+    dict of the same sections (``{"train": {"epochs": 5}, "stacking": {"enabled": False}}``).
     ``truth``: the test slides' truth (CSV path or a frame with slide, ID, C1..Cn). ``reader_opts`` as in
     :func:`read`.
     """
@@ -66,8 +66,8 @@ def run(data=None, out: str | Path = "hevisum-run", config: None | str | Path | 
         truth_path = _truth_path(truth, Path(tmp))
         with _as_paths(data, allow_none=True) as paths:
             return run_pipeline(paths, Path(out), config_path=config_path, profile=profile, truth=truth_path,
-                                seed=seed, reader_kwargs=reader_opts, device=device, progress=progress,
-                                overrides=overrides, force=force, resume=resume)
+                                seed=seed, reader_kwargs=_marked_tests(reader_opts, data), device=device,
+                                progress=progress, overrides=overrides, force=force, resume=resume)
 
 
 def predict(run_dir: str | Path, data, *, out: str | Path | None = None, device: str = "auto",
@@ -140,6 +140,27 @@ def _is_anndata(x) -> bool:
     return isinstance(x, ad.AnnData)
 
 
+def _marked_tests(opts: dict, data) -> dict:
+    """``opts`` with the slides ``data`` itself marks as Test (Slide.split, obs['split']) added to
+    ``test_slides``, so a Test slide that carries its truth keeps it as truth."""
+    from hevisum.slide import Slide
+
+    items = [data] if isinstance(data, Slide) or _is_anndata(data) else \
+        (list(data) if isinstance(data, (list, tuple)) else [])
+    marked: list[str] = []
+    for x in items:
+        if isinstance(x, Slide) and x.split == "test":
+            marked.append(x.slide_id)
+        elif _is_anndata(x) and "split" in x.obs.columns:
+            key = next((k for k in ("slide", "library_id") if k in x.obs.columns), None)
+            if key is not None:
+                test = x.obs["split"].astype(str).to_numpy() == "test"
+                marked += list(dict.fromkeys(x.obs[key].astype(str).to_numpy()[test].tolist()))
+    if not marked:
+        return dict(opts)
+    return dict(opts, test_slides=list(dict.fromkeys([*(opts.get("test_slides") or []), *marked])))
+
+
 @contextmanager
 def _as_paths(data, allow_none: bool = False) -> Iterator[list[str] | None]:
     """``data`` as input paths: paths as they are; an AnnData or slides written to a temporary .h5ad (removed
@@ -160,21 +181,19 @@ def _as_paths(data, allow_none: bool = False) -> Iterator[list[str] | None]:
     if all(isinstance(x, (str, Path)) for x in items):
         yield [str(x) for x in items]
         return
+    for x in items:
+        if not isinstance(x, (str, Path, Slide)) and not _is_anndata(x):
+            raise HevisumError(f"cannot read a {type(x).__name__}: pass paths, an AnnData or Slide objects")
     with tempfile.TemporaryDirectory(prefix="hevisum-api-") as tmp:
         paths: list[str] = []
-        slides = [x for x in items if isinstance(x, Slide)]
         for i, x in enumerate(items):
             if isinstance(x, (str, Path)):
                 paths.append(str(x))
-            elif _is_anndata(x):
-                p = Path(tmp) / ("anndata.h5ad" if i == 0 else f"anndata_{i}.h5ad")
-                x.write_h5ad(p)
-                paths.append(str(p))
-            elif not isinstance(x, Slide):
-                raise HevisumError(f"cannot read a {type(x).__name__}: pass paths, an AnnData or Slide objects")
-        if slides:
-            p = Path(tmp) / "slides.h5ad"
-            slides_to_anndata(slides).write_h5ad(p)
+                continue
+            # one file per slide: a slide id HDF5 cannot use as a name (a "/" in it) still pairs with its image
+            p = Path(tmp) / str(i) / ("anndata.h5ad" if _is_anndata(x) else "slide.h5ad")
+            p.parent.mkdir()
+            (x if _is_anndata(x) else slides_to_anndata([x])).write_h5ad(p)
             paths.append(str(p))
         yield paths
 
@@ -189,7 +208,7 @@ def slides_to_anndata(slides: Sequence[Slide]) -> anndata.AnnData:
     import numpy as np
     import pandas as pd
 
-    from hevisum.outputs import FULLRES_COLUMNS, obs_names
+    from hevisum.outputs import FULLRES_COLUMNS, library_key, obs_names
     from hevisum.slide import check_same_targets, check_unique_ids
 
     slides = list(slides)
@@ -225,7 +244,7 @@ def slides_to_anndata(slides: Sequence[Slide]) -> anndata.AnnData:
         md: dict = {"source": s.source or ""}
         if s.um_per_px:
             md["um_per_px"] = float(s.um_per_px) * scale  # per full-resolution pixel
-        spatial[s.slide_id] = {"images": {"hires": s.image}, "scalefactors": factors, "metadata": md}
+        spatial[library_key(s.slide_id)] = {"images": {"hires": s.image}, "scalefactors": factors, "metadata": md}
         block = np.full((s.n_spots, n_t), np.nan)
         if s.targets is not None and s.split == "train":
             block = np.asarray(s.targets, dtype=np.float64)

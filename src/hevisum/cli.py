@@ -155,10 +155,23 @@ def _run_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hevisum import distributed
+
+    if getattr(args, "nproc", 1) > 1 and distributed.env_world() <= 1:  # start torchrun, which runs us N times
+        return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", None) or sys.argv[1:]))
+    if distributed.env_world() > 1:  # one rank of torchrun: failures agreed, one error line from rank 0
+        return distributed.guard(lambda: _cmd_run(args))
+    return _cmd_run(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from hevisum import distributed
     from hevisum.io.atomic import check_output
     from hevisum.pipeline import run_pipeline
 
-    check_output(args.out, force=args.force, protect=[*args.inputs, args.config, args.truth], kind="run")
+    distributed.init_from_env(args.device)
+    if distributed.is_main():  # the other ranks wait for rank 0's lock on OUT at a barrier
+        check_output(args.out, force=args.force, protect=[*args.inputs, args.config, args.truth], kind="run")
     run_pipeline(
         overrides=_run_overrides(args),
         inputs=list(args.inputs) or None,
@@ -190,10 +203,34 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from hevisum.io.atomic import check_output
     from hevisum.predict import predict_from_run
+    from hevisum.wsi_predict import is_slide_image, predict_slide
 
     check_output(args.out, force=args.force, protect=[args.run_dir, args.input], kind="predict")
+    if is_slide_image(args.input):
+        predict_slide(Path(args.run_dir), args.input, Path(args.out), grid_um=args.grid_um, um_per_px=args.um_per_px,
+                      hexagonal=not args.square, min_tissue=args.min_tissue, plot_targets=args.plot_targets,
+                      device=args.device, progress=not args.quiet, force=args.force)
+        return 0
+    given = [f for f, v in (("--grid-um", args.grid_um), ("--um-per-px", args.um_per_px), ("--square", args.square),
+                            ("--plot-targets", args.plot_targets), ("--min-tissue", args.min_tissue != 0.5)) if v]
+    if given:
+        raise HevisumError(f"{', '.join(given)} apply to a slide image without spots (SVS, NDPI, MRXS, TIFF, PNG, "
+                           f"JPEG...); {args.input!r} is read with its own spots")
     predict_from_run(Path(args.run_dir), args.input, Path(args.out), reader_kwargs=_reader_kwargs(args),
-                     progress=not args.quiet, force=args.force)
+                     progress=not args.quiet, device=args.device, force=args.force)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from hevisum.explain_run import explain_from_run
+    from hevisum.io.atomic import check_output
+
+    check_output(args.out, force=args.force, protect=[args.run_dir, args.input], kind="explain")
+    explain_from_run(Path(args.run_dir), args.input, Path(args.out), targets=args.targets, spots=args.spots,
+                     n_spots=args.n_spots, steps=args.steps, baseline=args.baseline, method=args.method,
+                     rtol=args.rtol, max_steps=args.max_steps, batch_size=args.batch_size, overlay=args.overlay,
+                     reader_kwargs={"image": args.image}, device=args.device, progress=not args.quiet,
+                     force=args.force)
     return 0
 
 
@@ -304,18 +341,74 @@ def build_parser() -> argparse.ArgumentParser:
                    "mean), wide (a wider field of view); empty string for none")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_reader_options(r)
+    r.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="run N processes on this machine (started with torchrun; see docs/distributed.md)")
     r.set_defaults(func=cmd_run)
 
     pr = sub.add_parser("predict", help="predict new slides with a finished run folder",
                         description="Load the models, stain target and config saved in RUN_DIR and predict every "
-                        "spot of INPUT; writes predictions.csv, submission_<slide>.csv and predictions.h5ad.")
+                        "spot of INPUT; writes predictions.csv, submission_<slide>.csv and predictions.h5ad. INPUT "
+                        "may also be a slide image without spots (SVS, NDPI, MRXS, TIFF pyramid, OME-TIFF, PNG, "
+                        "JPEG): a virtual spot grid is laid over its tissue and predicted, with heat maps of the "
+                        "predictions (see docs/wsi.md).")
     pr.add_argument("run_dir", metavar="RUN_DIR")
-    pr.add_argument("input", metavar="INPUT", help=INPUT_HELP)
+    pr.add_argument("input", metavar="INPUT", help=INPUT_HELP + ", or a slide image without spots")
     pr.add_argument("--out", required=True, metavar="DIR")
+    pr.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_force(pr, "an existing DIR")
+    w = pr.add_argument_group("slide images without spots")
+    w.add_argument("--grid-um", type=float, default=None, metavar="PITCH",
+                   help="distance between the virtual grid's spots in microns (default: the training slides' spot "
+                   "pitch; required when the run does not know it in microns)")
+    w.add_argument("--um-per-px", type=float, default=None, metavar="X",
+                   help="microns per full-resolution pixel of the slide, when its file does not say (or is wrong)")
+    w.add_argument("--square", action="store_true", help="a square spot lattice instead of the hexagonal one")
+    w.add_argument("--min-tissue", type=float, default=0.5, metavar="F",
+                   help="keep a grid spot when at least this fraction of it is tissue (default 0.5)")
+    w.add_argument("--plot-targets", default=None, metavar="C3,C7",
+                   help="targets to draw as heat maps, by name or C<i> (default: the 4 most variable predictions)")
     _add_reader_options(pr)
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("explain", help="integrated-gradients attributions of a run's predictions to the tile pixels",
+                        description="Explain one method of a finished run on spots of INPUT (preprocessed as "
+                        "'hevisum predict' does): integrated gradients of the chosen targets w.r.t. the pixels of "
+                        "each spot's tile, written as overlays on the tile (tiles/<slide>/<target>/<spot>.png) and "
+                        "on the slide thumbnail (slides/<slide>__<target>.png), with explain.json and explain.csv "
+                        "(prediction, f(tile) - f(baseline), sum of attributions and the relative completeness "
+                        "error per spot and target). See docs/explain.md.")
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("input", metavar="INPUT", help=INPUT_HELP)
+    ex.add_argument("--out", required=True, metavar="DIR")
+    ex.add_argument("--targets", default=None, metavar="C3,C7",
+                    help="targets to explain, by name or C<i> (default: the 2 most variable predictions)")
+    which = ex.add_mutually_exclusive_group()
+    which.add_argument("--spots", default=None, metavar="ID1,ID2",
+                       help="spot ids to explain (ID on any slide, or SLIDE:ID)")
+    which.add_argument("--n-spots", type=int, default=4, metavar="N",
+                       help="without --spots: N spots per slide with the highest and lowest predictions of the "
+                       "targets (default 4)")
+    ex.add_argument("--method", default=None, metavar="NAME",
+                    help="a saved method of the run to explain (default: the selected one; for the stacker, the "
+                    "method it weighs most). Tile networks and ridge heads on encoder features can be explained")
+    ex.add_argument("--steps", type=int, default=64, help="integration steps (Gauss-Legendre; default 64)")
+    ex.add_argument("--baseline", default="black", choices=["black", "white", "blur"],
+                    help="the reference image the attributions are measured from (default black)")
+    ex.add_argument("--rtol", type=float, default=0.05,
+                    help="attribute again with twice the steps where the relative completeness error exceeds this "
+                    "(default 0.05; 0 = never)")
+    ex.add_argument("--max-steps", type=int, default=None, metavar="N",
+                    help="most steps --rtol may raise to (default 4 x --steps)")
+    ex.add_argument("--overlay", default="abs", choices=["abs", "signed", "positive", "negative"],
+                    help="tile heat map: magnitude, both signs, or one sign of the attributions (default abs)")
+    ex.add_argument("--batch-size", type=int, default=16, help="images per forward/backward pass (default 16)")
+    ex.add_argument("--image", default="auto", choices=["auto", "hires", "lowres", "full"],
+                    help="Visium: which image to use (auto = hires if present, else lowres)")
+    ex.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    ex.add_argument("--quiet", action="store_true", help="no progress messages")
+    _add_force(ex, "an existing DIR")
+    ex.set_defaults(func=cmd_explain)
 
     mt = sub.add_parser("methods", help="list the registered methods",
                         description="Every method 'hevisum run' can cross-validate, with its kind: baseline "
@@ -345,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

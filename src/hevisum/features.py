@@ -76,6 +76,10 @@ class FeatureStore:
                     feats = None
                 if feats is not None and feats.shape[0] != len(tiles):
                     feats = None
+        from hevisum import distributed
+
+        if source == "encoder" and distributed.active() and any(distributed.all_gather_object(feats is None)):
+            feats = None  # the ranks encode together: all of them, or none
         if feats is None:
             if source == "colour":
                 from hevisum.models.baselines import colour_features
@@ -86,9 +90,9 @@ class FeatureStore:
                 feats = np.ascontiguousarray(self.base(source, geometry, "stages")[:, -self.encoder().feature_dim:])
             else:
                 feats = self._encode(tiles, view)
-            if shared is not None:
+            if shared is not None and distributed.is_main():
                 _save_npy(shared, feats)
-        if not path.is_file():
+        if not path.is_file() and distributed.is_main():
             _save_npy(path, feats)
         self._memo[memo_key] = feats
         return feats
@@ -103,13 +107,26 @@ class FeatureStore:
         bf16 = autocast_dtype(self.cfg.train.precision, self.device) == torch.bfloat16
         kw = dict(device=self.device, bf16=bf16, progress=self.progress, input_px=self.input_px(),
                   stages=view == "stages")
+        from hevisum import distributed
+
+        if distributed.active():
+            # each rank encodes a contiguous shard (cut on batch boundaries), then every rank gets all the rows
+            lo, hi = distributed.shard(len(tiles), align=32)
+            kw["progress"] = self.progress and distributed.is_main()
+            counts = [b - a for a, b in distributed.all_gather_object((lo, hi))]
+            tiles = tiles[lo:hi]
+            distributed.fault_point("encode")
         if not self.cfg.train.tta:
-            return encode_tiles(enc, tiles, **kw)
-        acc = None
-        for v in _dihedral_np_views():
-            f = encode_tiles(enc, _LazyView(tiles, v), **kw)
-            acc = f if acc is None else acc + f
-        return (acc / 8).astype(np.float32)
+            feats = encode_tiles(enc, tiles, **kw)
+        else:
+            acc = None
+            for v in _dihedral_np_views():
+                f = encode_tiles(enc, _LazyView(tiles, v), **kw)
+                acc = f if acc is None else acc + f
+            feats = (acc / 8).astype(np.float32)
+        if distributed.active():
+            feats = distributed.all_gather_rows(feats, counts)
+        return feats
 
     def block(self, spec) -> np.ndarray:
         """One feature block of a method, context applied and standardised."""

@@ -4,12 +4,13 @@
 
 - ``obs_names`` are the input's spot ids (Visium barcodes, the reader's spot ids); only when two slides share a
   spot id are they made unique, as ``anndata.concat(..., index_unique="-")`` does (``<spot id>-<slide>``);
-  ``obs`` holds ``slide``, ``ID`` (the spot id), ``split`` (``test`` / ``train_oof``) and, when the input had
-  them, ``in_tissue``, ``array_row``, ``array_col``;
+  ``obs`` holds ``slide``, ``ID`` (the spot id), ``library_id`` (the slide's ``uns['spatial']`` key: its id, made
+  safe for HDF5 when it holds ``/``), ``split`` (``test`` / ``train_oof``) and, when the input had them,
+  ``in_tissue``, ``array_row``, ``array_col``;
 - ``X`` holds the predictions, ``layers['truth']`` the truth where it is known (NaN elsewhere);
 - ``obsm['spatial']`` is in the input's own frame: Visium (and AnnData inputs) full-resolution pixels
   (``pxl_col_in_fullres, pxl_row_in_fullres``), with the input's images and scale factors under
-  ``uns['spatial'][slide]`` (scanpy's layout); other inputs: pixels of the image hevisum read, with a thumbnail
+  ``uns['spatial'][library_id]`` (scanpy's layout); other inputs: pixels of the image hevisum read, with a thumbnail
   as ``hires`` and its scale factor;
 - ``uns['hevisum']`` states the units of ``X``, the method, the encoder and the run's config (JSON).
 """
@@ -128,6 +129,13 @@ def obs_names(slides: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return names
 
 
+def library_key(slide: str) -> str:
+    """The ``uns['spatial']`` key of a slide: its id, unless HDF5 cannot store that as a name (``/``, NUL,
+    ``.`` or ``..``): then :func:`~hevisum.names.safe_name` of it."""
+    s = str(slide)
+    return safe_name(s) if ("/" in s or "\0" in s or s in (".", "..") or not s) else s
+
+
 def predictions_to_h5ad(spots: pd.DataFrame, pred: np.ndarray, target_names: list[str], path: Path,
                         thumbnails: dict | None = None, *, split=None, truth: np.ndarray | None = None,
                         info: dict | None = None) -> None:
@@ -143,6 +151,7 @@ def predictions_to_h5ad(spots: pd.DataFrame, pred: np.ndarray, target_names: lis
     order = list(dict.fromkeys(slides))
     obs = pd.DataFrame({"slide": pd.Categorical(slides, categories=order), "ID": ids},
                        index=pd.Index(obs_names(slides, ids)))
+    obs["library_id"] = pd.Categorical([library_key(s) for s in slides], categories=[library_key(s) for s in order])
     if split is not None:
         obs["split"] = pd.Categorical(np.asarray(split, dtype=str), categories=["test", "train_oof"])
     for col in SPOT_COLUMNS:
@@ -172,7 +181,7 @@ def predictions_to_h5ad(spots: pd.DataFrame, pred: np.ndarray, target_names: lis
         factors = {k: float(f) for k, f in v.scalefactors.items()}
         if "spot_diameter_fullres" not in factors and "pitch_px" in spots.columns:
             factors["spot_diameter_fullres"] = 0.5 * float(spots.loc[rows, "pitch_px"].median())
-        spatial[slide] = {"images": dict(v.images), "scalefactors": factors,
+        spatial[library_key(slide)] = {"images": dict(v.images), "scalefactors": factors,
                           "metadata": {"frame": "fullres" if v.frame == "fullres" else "image"}}
     adata.obsm["spatial"] = xy
     if spatial:

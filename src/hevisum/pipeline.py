@@ -48,7 +48,7 @@ from hevisum.cv import (
     summarise,
 )
 from hevisum.errors import HevisumError
-from hevisum.io.atomic import atomic_dir, atomic_write_text
+from hevisum.io.atomic import atomic_write_text
 from hevisum.methods import (
     FitContext,
     baseline_names,
@@ -302,12 +302,15 @@ def run(inputs: list[str] | None, out: Path, *, config_path: str | None = None, 
         truth: str | None = None, seed: int | None = None, reader_kwargs: dict | None = None, device: str = "auto",
         progress: bool = True, overrides: dict | None = None, force: bool = False, resume: bool = False) -> RunResult:
     """Run every stage and write the run folder ``out``."""
+    from hevisum import distributed
     from hevisum.training import resolve_device
 
     t_start = time.perf_counter()
     cfg = load_run_config(config_path, profile=profile, seed=seed, overrides=overrides)
     methods = resolve_methods(cfg)
     device = resolve_device(device)
+    if distributed.init_from_env(device):  # started by torchrun: only rank 0 reports progress and writes OUT
+        device, progress = distributed.rank_device(device), progress and distributed.is_main()
     if any(s.source == "encoder" for m in methods for s in get_method(m)(cfg).features()):
         from hevisum.features import load_configured_encoder
 
@@ -317,7 +320,7 @@ def run(inputs: list[str] | None, out: Path, *, config_path: str | None = None, 
     out = Path(out)
     protect = ([Path(p) for p in (inputs or [])] + ([Path(truth)] if truth else [])
                + ([Path(config_path)] if config_path else []))
-    with atomic_dir(out, force=force, resume=resume, protect=protect, kind="run") as tmp:
+    with distributed.run_folder(out, force=force, resume=resume, protect=protect, kind="run") as tmp:
         slides, truth = read_stage(inputs, dict(reader_kwargs or {}), tmp, cfg, truth, progress)
         dump_config(cfg, tmp / "config.toml")
         say(f"preprocessing {len(slides)} slide(s)", progress)
@@ -358,7 +361,8 @@ def run(inputs: list[str] | None, out: Path, *, config_path: str | None = None, 
         from hevisum.outputs import format_written
         from hevisum.report.html import write_report
 
-        write_report(tmp, result)  # adds the embedding QC to metrics
+        if distributed.is_main():  # the other ranks' folders are scratch
+            write_report(tmp, result)  # adds the embedding QC to metrics
         atomic_write_text(tmp / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
         say(format_written(tmp, out), progress)
     say(f"done in {time.perf_counter() - t_start:.0f} s: {out}/report.html", progress)

@@ -213,6 +213,14 @@ def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows:
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = model.to(device).to(memory_format=torch.channels_last)
+    from hevisum import distributed
+
+    net = model  # what the batches go through: under torchrun, the model wrapped for gradient averaging
+    if distributed.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                                      else None)
     loss_fn = make_loss(cfg.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = autocast_dtype(cfg.precision, device)
@@ -244,9 +252,17 @@ def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows:
         model.train()
         # Shuffle (and subsample) in the main process with our own generator: order is independent of workers.
         rows = rng.permutation(train_rows)[:n_per_epoch]
-        loader = DataLoader(TileDataset(tiles, rows, fit_targets), batch_size=cfg.batch_size,
-                            shuffle=False, num_workers=cfg.num_workers, drop_last=len(rows) > cfg.batch_size,
-                            persistent_workers=False)
+        if net is not model:
+            # every rank has the same global order; rank r takes rows r, r + world, ... of every global batch, so
+            # the averaged gradient is the one-process gradient of that batch (up to summation order)
+            distributed.sync_failures()
+            loader = DataLoader(TileDataset(tiles, rows, fit_targets), num_workers=cfg.num_workers,
+                                batch_sampler=_rank_batches(len(rows), cfg.batch_size, len(rows) > cfg.batch_size,
+                                                            distributed.rank(), distributed.world()))
+        else:
+            loader = DataLoader(TileDataset(tiles, rows, fit_targets), batch_size=cfg.batch_size,
+                                shuffle=False, num_workers=cfg.num_workers, drop_last=len(rows) > cfg.batch_size,
+                                persistent_workers=False)
         losses = []
         for xb, yb in loader:
             for g in opt.param_groups:
@@ -255,7 +271,7 @@ def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows:
             if cfg.augment:
                 xb = augment_batch(xb, gen)
             with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-                pred = _forward(model, xb, normalise_uint8)
+                pred = _forward(net, xb, normalise_uint8)
             loss = loss_fn(pred.float(), yb.float(), epoch)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -295,6 +311,18 @@ def train_tile_model(model, tiles: np.ndarray, train_rows: np.ndarray, val_rows:
     model.load_state_dict(state)
     return FoldResult(state_dict=state, best_epoch=best[1], best_score=float(best[0]), log=pd.DataFrame(log_rows),
                       seconds=time.perf_counter() - t0)
+
+
+def _rank_batches(n: int, batch_size: int, drop_last: bool, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of every batch of ``n`` rows: rows ``rank::world`` of each global batch. A final batch of
+    fewer rows than ranks is dropped (every rank must take the same number of steps)."""
+    n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+    out = []
+    for b in range(n_batches):
+        idx = np.arange(b * batch_size, min((b + 1) * batch_size, n))
+        if len(idx) >= world:
+            out.append([int(i) for i in idx[rank::world]])
+    return out
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 from hevisum.errors import HevisumError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
+    pass
 
 __all__ = [
     "ImageSource",

@@ -6,7 +6,6 @@ reference fed in-sample predictions, which makes the stacker trust overfitted mo
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np

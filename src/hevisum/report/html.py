@@ -44,6 +44,36 @@ def _top_variable_targets(Y: np.ndarray, k: int = 3) -> list[int]:
     return [int(i) for i in np.argsort(-sd, kind="stable")[:k]]
 
 
+def _subplots(nrows: int = 1, ncols: int = 1, figsize=None, **kw):
+    """A figure and its axes, outside pyplot: the report never touches the session's backend or figures (an
+    interactive session that calls hevisum.run keeps drawing inline)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def compact_png(png: bytes, max_side: int = 1600, colours: int = 256) -> bytes:
+    """A smaller PNG of the same figure for embedding: on white, at most ``max_side`` px, ``colours`` palette
+    colours (figures are flat colours and colour maps; a few MB per report becomes a few hundred kB). The
+    original when that is not smaller (or the image cannot be read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(png)) as im:
+            im.load()
+            rgb = Image.new("RGB", im.size, "white")
+            rgb.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+        rgb.thumbnail((max_side, max_side))
+        buf = io.BytesIO()
+        rgb.quantize(colors=colours, method=Image.Quantize.MEDIANCUT).save(buf, format="PNG", optimize=True)
+    except (OSError, ValueError):
+        return png
+    return buf.getvalue() if buf.tell() < len(png) else png
+
+
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -59,12 +89,9 @@ class _Page:
         self.parts.extend(html)
 
     def figure(self, fig, name: str, title: str, caption: str = "", dpi: int = 110) -> None:
-        """Embed a matplotlib figure (closed afterwards); saved as ``figures/<name>`` too."""
-        import matplotlib.pyplot as plt
-
+        """Embed a matplotlib figure; saved as ``figures/<name>`` too."""
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi)
-        plt.close(fig)
         png = buf.getvalue()
         (self.folder / "figures").mkdir(parents=True, exist_ok=True)
         (self.folder / "figures" / name).write_bytes(png)
@@ -72,18 +99,13 @@ class _Page:
 
     def image(self, png: bytes, title: str, caption: str = "", file: str = "") -> None:
         cap = " ".join(x for x in (caption, f"<span class=file>{html_text(file)}</span>" if file else "") if x)
-        self.add(f'<figure><img src="{data_uri(png)}" alt="{html_text(title)}">'
+        self.add(f'<figure><img src="{data_uri(compact_png(png))}" alt="{html_text(title)}">'
                  + (f"<figcaption>{cap}</figcaption>" if cap else "") + "</figure>")
 
 
 def write_report(folder: Path, result, n_maps: int = 3) -> Path:
     """Write report.html (and figures/, per_target.csv) into ``folder`` for a
     :class:`hevisum.pipeline.RunResult`; adds ``embedding_qc`` to ``result.metrics``. Returns the HTML path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from hevisum.report import plots
 
     folder = Path(folder)
@@ -124,7 +146,7 @@ def write_report(folder: Path, result, n_maps: int = 3) -> Path:
              "<table><tr><th>method</th><th>CV per-spot Spearman</th><th>mean over folds</th>"
              "<th>CV per-target Pearson</th><th>test per-spot Spearman</th><th>test per-target Pearson</th></tr>",
              *rows_html, "</table>")
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(summaries)), 4))
+    fig, ax = _subplots(figsize=(max(5, 1.1 * len(summaries)), 4))
     plots.methods_bar(ax, summaries, test, baselines=baselines)
     fig.tight_layout()
     page.figure(fig, "methods.png", "Methods beside the baselines",
@@ -141,7 +163,7 @@ def write_report(folder: Path, result, n_maps: int = 3) -> Path:
              _html_table(table))
     pt = summaries[best]["cv"]["per_target"]
     other = summaries.get(ref, {}).get("cv", {}).get("per_target")
-    fig, ax = plt.subplots(figsize=(7, max(4, 0.18 * len(pt))))
+    fig, ax = _subplots(figsize=(7, max(4, 0.18 * len(pt))))
     plots.per_target_bars(ax, {plot_text(k): v for k, v in pt.items()},
                           {plot_text(k): v for k, v in other.items()} if other else None, label=plot_text(best),
                           other_label=plot_text(ref))
@@ -154,7 +176,7 @@ def write_report(folder: Path, result, n_maps: int = 3) -> Path:
             if getattr(fm, "log", None) is not None and len(fm.log):
                 logs[plot_text(f"{r.name} fold {held}")] = fm.log
     if logs:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (a1, a2) = _subplots(1, 2, figsize=(10, 4))
         plots.loss_curves(a1, a2, logs)
         fig.tight_layout()
         page.add("<h2 id=training>Training</h2>")
@@ -340,8 +362,6 @@ document.querySelectorAll('table.sortable').forEach(function (t) {
 
 def _slide_section(page: _Page, i: int, slide: str, result, pred, truth, split, tops, names, units, block_of,
                    plots) -> None:
-    import matplotlib.pyplot as plt
-
     from hevisum.metrics import mean_spot_spearman, per_spot_spearman
 
     prep = result.prep
@@ -361,7 +381,7 @@ def _slide_section(page: _Page, i: int, slide: str, result, pred, truth, split, 
     title = f"{slide} ({what})" + (f": per-spot Spearman {score:.3f}" if score is not None and np.isfinite(score)
                                    else "")
     nrows = 2 if has_t.any() else 1
-    fig, axes = plt.subplots(nrows, 1 + len(tops), figsize=(3.4 * (1 + len(tops)), 3.3 * nrows), squeeze=False)
+    fig, axes = _subplots(nrows, 1 + len(tops), figsize=(3.4 * (1 + len(tops)), 3.3 * nrows), squeeze=False)
     groups = None
     if block_of is not None and kind == "train":
         groups = np.array([plot_text(f"{slide}#{b}") if b else "" for b in block_of[rows]], dtype=object)
@@ -406,30 +426,40 @@ def _embedding_section(page: _Page, result, pred: np.ndarray, names: list[str]) 
         ok = np.isfinite(pred).all(axis=1)
         dominant = np.where(ok, np.asarray(names, dtype=object)[np.argmax(np.nan_to_num(pred, nan=-np.inf), axis=1)],
                             "no prediction")
-        qc = embedding_qc(features, slides, dominant=dominant.astype(str), seed=int(result.cfg.seed),
-                          title=f"Embedding QC: {described}")
+        split = result.prep.spots["split"].astype(str).to_numpy()  # train / test: do the test slides sit apart?
+        both = len(set(split)) > 1
+        qc = embedding_qc(features, slides, groups=split if both else None, dominant=dominant.astype(str),
+                          seed=int(result.cfg.seed),
+                          title=f"Embedding QC: {described}" + ("; groups: train / test slides" if both else ""))
     except Exception as e:  # noqa: BLE001 - the QC must never fail a finished run
         log.warning("embedding QC failed: %s", e)
         result.metrics["embedding_qc"] = {"error": f"{type(e).__name__}: {e}"}
         page.add(f"<p>Not available: {html_text(type(e).__name__)}: {html_text(e)}</p>")
         return
-    result.metrics["embedding_qc"] = {"features": described, **qc.metrics}
+    result.metrics["embedding_qc"] = {"features": described, "groups": "split (train / test)" if both else None,
+                                      **qc.metrics}
     sil = qc.metrics.get("silhouette_slide")
     page.add(f"<p>Features: {html_text(described)}, {qc.metrics['n_points']} spots. Silhouette by slide: "
              f"<b>{_fmt(sil)}</b> (near 1: the features mostly tell slides apart, a batch effect a model can latch "
-             "on to; near 0: spots of different slides mix)."
+             "on to; near 0: spots of different slides mix); by split (train / test slides): "
+             f"<b>{_fmt(qc.metrics.get('silhouette_group'))}</b>."
              + (f" {html_text(qc.umap_error)}." if qc.umap_error else "") + "</p>")
     page.figure(qc.figure, "embedding_qc.png", "Embedding QC")
 
 
 def _qc_features(result) -> tuple[np.ndarray, str]:
     """The selected encoder's spot features when a method of the run uses the encoder, else colour statistics."""
+    from hevisum.features import FeatureStore
     from hevisum.methods import get_method
-    from hevisum.pipeline import feature_store
 
-    cfg = result.cfg
+    cfg, prep = result.cfg, result.prep
     uses_encoder = any(s.source == "encoder" for r in result.cv.results for s in get_method(r.name)(cfg).features())
-    store = feature_store(result.prep, cfg, str(result.metrics.get("device", "cpu")), False)
+    # the tiles the run's encoder saw, as hevisum.pipeline.feature_store picks them (features cached on disk)
+    tiles = {"spot": prep.tiles, **prep.extra_tiles}
+    if cfg.features.tiles == "tissue" and "tissue" in prep.extra_tiles:
+        tiles["spot"] = prep.extra_tiles["tissue"]
+    store = FeatureStore(workdir=prep.workdir, tiles=tiles, spots=prep.spots, cfg=cfg,
+                         device=str(result.metrics.get("device", "cpu")), progress=False)
     if uses_encoder:
         return store.base("encoder", "spot", "embed"), f"{cfg.encoder.name} encoder features of the spot tiles"
     return store.base("colour", "spot", "embed"), "colour statistics of the spot tiles (no encoder method ran)"
