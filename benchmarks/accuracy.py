@@ -2,6 +2,7 @@
 baselines, cross-validated on the training slides and scored on the test slides, in one run.
 
     python benchmarks/accuracy.py [--datasets her2st mob gbm her2st-folder] [--variants default probe ring1 ...]
+                                  [--methods encoder-mlp hevisum-cnn ...] [--epochs N]
 
 Datasets (../shared/data):
   her2st         challenge/her2st.h5 (3.2 um/px, no um/px in the file): leave-one-slide-out over C2-C5, test C6
@@ -22,6 +23,9 @@ changes only what the heads read. Variants:
   global+slide  no per-slide standardisation, with the slide's mean features
   tissue    default with the encoder's tiles cut at 112 um field of view (224 px at 0.5 um/px) from the
             full-resolution image; only where um/px is known (falls back to spot tiles, and says so)
+
+``--methods`` adds other registered methods (default config) beside the variants, e.g. the reference CNN
+(``--methods hevisum-cnn --epochs 20``; slow on a CPU).
 
 Figures: per-spot Spearman (the competition metric) and per-target Pearson, CV over all out-of-fold spots and
 on the test slide, and each variant's paired difference with `colour-ridge` (CV and test) with its standard
@@ -64,6 +68,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["her2st", "mob", "gbm"], choices=list(DATASETS))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--methods", nargs="*", default=[], help="other registered methods to add (hevisum methods)")
+    ap.add_argument("--epochs", type=int, default=30, help="epochs for tile networks")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not DATA.is_dir():
@@ -72,12 +78,14 @@ def main() -> int:
     result: dict = {"variants": args.variants, "datasets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for ds in args.datasets:
-            result["datasets"][ds] = run_dataset(ds, args.variants, Path(tmp) / ds, args.seed)
+            result["datasets"][ds] = run_dataset(ds, args.variants, Path(tmp) / ds, args.seed, args.methods,
+                                                 args.epochs)
     print(json.dumps(result))
     return 0
 
 
-def run_dataset(ds: str, variants: list[str], work: Path, seed: int) -> dict:
+def run_dataset(ds: str, variants: list[str], work: Path, seed: int, methods: list[str] = (),
+                epochs: int = 30) -> dict:
     from hevisum.config import load_run_config, merge
     from hevisum.cv import make_folds
     from hevisum.io import read_inputs
@@ -108,6 +116,9 @@ def run_dataset(ds: str, variants: list[str], work: Path, seed: int) -> dict:
             continue
         method, over = VARIANTS[v]
         rows[v], per_spot[v] = evaluate(v, method, over, prep, targets, folds, truth, seed, base_over)
+    for m in methods:
+        rows[m], per_spot[m] = evaluate(m, m, {"train": {"epochs": epochs}}, prep, targets, folds, truth, seed,
+                                        base_over)
     ref = "colour-ridge"
     for name in rows:
         rows[name]["vs_colour_ridge"] = paired(per_spot[name], per_spot[ref])

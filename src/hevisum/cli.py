@@ -393,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a saved method of the run to explain (default: the selected one; for the stacker, the "
                     "method it weighs most). Tile networks and ridge heads on encoder features can be explained")
     ex.add_argument("--steps", type=int, default=64, help="integration steps (Gauss-Legendre; default 64)")
-    ex.add_argument("--baseline", default="black", choices=["black", "white", "blur"],
-                    help="the reference image the attributions are measured from (default black)")
+    ex.add_argument("--baseline", default="white", choices=["black", "white", "blur"],
+                    help="the reference image the attributions are measured from: white (empty glass, default), "
+                    "black, or the tile blurred")
     ex.add_argument("--rtol", type=float, default=0.05,
                     help="attribute again with twice the steps where the relative completeness error exceeds this "
                     "(default 0.05; 0 = never)")

@@ -55,12 +55,26 @@ def _dist():
     return dist
 
 
+_LOCAL = [0]  # > 0 inside local(): this rank works alone
+
+
 def active() -> bool:
-    """True inside a process group of more than one rank."""
-    if env_world() <= 1:
+    """True inside a process group of more than one rank (and not within :func:`local`)."""
+    if env_world() <= 1 or _LOCAL[0]:
         return False
     dist = _dist()
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Within: this rank computes alone, as one process would (no collective calls), e.g. rank 0's report;
+    rank() is 0 and world() is 1 within."""
+    _LOCAL[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL[0] -= 1
 
 
 def rank() -> int:

@@ -37,6 +37,8 @@ from hevisum.errors import HevisumError
 DEFAULT_N_SPOTS = 4
 DEFAULT_N_TARGETS = 2
 DEFAULT_RTOL = 0.05
+#: White is empty glass (and the background fill of the tiles): "what in this tissue, compared with no tissue".
+DEFAULT_BASELINE = "white"
 TILE_KIND = "tile network"
 HEAD_KIND = "encoder features + ridge head"
 
@@ -389,7 +391,7 @@ def explain_tile_models(models: list, tiles: np.ndarray, pairs: list[tuple[int, 
 
 def explain_from_run(run_dir: Path, input_path: str, out: Path, *, targets: str | None = None,
                      spots: str | None = None, n_spots: int = DEFAULT_N_SPOTS, steps: int = 64,
-                     baseline: str = "black", method: str | None = None, rtol: float | None = DEFAULT_RTOL,
+                     baseline: str = DEFAULT_BASELINE, method: str | None = None, rtol: float | None = DEFAULT_RTOL,
                      max_steps: int | None = None, batch_size: int = 16, overlay: str = "abs",
                      reader_kwargs: dict | None = None, device: str = "auto", progress: bool = True,
                      force: bool = False) -> dict:
@@ -419,6 +421,8 @@ def explain_from_run(run_dir: Path, input_path: str, out: Path, *, targets: str 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     cfg, metrics, names = run["cfg"], run["metrics"], list(run["target_names"])
+    if targets is not None:
+        resolve_targets(targets, names, np.zeros((0, len(names))))  # a bad name stops before any work
     name, why = choose_method(run_dir, metrics, method)
     device = resolve_device(device)
     models = fold_models(run_dir, name)
@@ -475,7 +479,8 @@ def _explain(tmp: Path, run_dir: Path, input_path: str, cfg, run: dict, names: l
     fold_preds = []
     for lm in models:
         full = np.full((n_all, n_t), np.nan)
-        full[pred_rows] = np.asarray(lm.method.predict(X, rows=pred_rows, ctx=ctx), dtype=np.float64)
+        Xp = None if X is None else X[pred_rows]  # heads predict every row of X, tile networks the rows
+        full[pred_rows] = np.asarray(lm.method.predict(Xp, rows=pred_rows, ctx=ctx), dtype=np.float64)
         fold_preds.append(full)
     pred = np.full((n_all, n_t), np.nan)
     pred[pred_rows] = rank_average([smooth_rows(p[pred_rows].astype(np.float32), pred_rows, prep.spots, cfg32)

@@ -341,7 +341,7 @@ def run(inputs: list[str] | None, out: Path, *, config_path: str | None = None, 
             f"{'' if sel.selected != stacker_name() else ', stacker beats the best single method beyond fold noise'})",
             progress)
         for w in sel.warnings:
-            say(f"warning: {w}", True)
+            say(f"warning: {w}", distributed.is_main())
         test = test_stage(prep, cv, targets, cfg, truth_df, str(truth), tmp, thumbs)
         metrics: dict = {"selected": sel.selected, "selection": sel.as_dict(), "profile": cfg.profile,
                          "device": device, "seed": cfg.seed, "encoder": cfg.encoder.name, "methods": cv.summaries,
@@ -361,8 +361,9 @@ def run(inputs: list[str] | None, out: Path, *, config_path: str | None = None, 
         from hevisum.outputs import format_written
         from hevisum.report.html import write_report
 
-        if distributed.is_main():  # the other ranks' folders are scratch
-            write_report(tmp, result)  # adds the embedding QC to metrics
+        if distributed.is_main():  # the other ranks' folders are scratch; rank 0 reports alone
+            with distributed.local():
+                write_report(tmp, result)  # adds the embedding QC to metrics
         atomic_write_text(tmp / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
         say(format_written(tmp, out), progress)
     say(f"done in {time.perf_counter() - t_start:.0f} s: {out}/report.html", progress)
