@@ -64,7 +64,7 @@ def _is_png(path) -> bool:
 def test_explain_tile_network(tiny_run):
     out = tiny_run["tmp"] / "ex_cnn"
     cli("explain", str(tiny_run["run"]), str(tiny_run["h5"]), "--out", str(out), "--method", "hevisum-cnn",
-        "--spots", "S_4:0", "--targets", "C2", "--steps", "32", "--quiet")
+        "--spots", "S_4:0", "--targets", "C2", "--steps", "16", "--quiet")
     res = json.loads((out / "explain.json").read_text())
     assert res["method"] == "hevisum-cnn" and res["n_fold_models"] == 3 and res["kind"] == "tile network"
     assert [t["column"] for t in res["targets"]] == ["C2"]
@@ -129,7 +129,7 @@ def test_ridge_chain_equals_prediction_less_other_blocks(tiny_run, tmp_path):
     assert n_enc == 2848 and X.shape[1] > n_enc  # stage-pooled features, then colour statistics
     slides = prep.spots["slide"].astype(str).to_numpy()
     rows = np.flatnonzero(slides == "S_2")[:4]
-    EncoderPixels, _ = _module_classes()
+    EncoderPixels = _module_classes()[0]
     embed = EncoderPixels(store.encoder(), store.input_px(), True, False)
     mean, std = slide_statistics(base[slides == "S_2"])
     ctx = FitContext(cfg=cfg, tiles=prep.tiles)

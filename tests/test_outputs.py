@@ -127,3 +127,35 @@ def test_format_written_lists_user_files_first(tmp_path):
     lines = text.splitlines()
     assert lines[1].split()[0] == "report.html" and "submission_*.csv (2 files)" in text
     assert "models/" in text and "config.toml" in text
+
+
+def test_h5ad_keeps_each_slides_own_frame_in_a_mixed_run(tmp_path):
+    """A Visium slide (full-resolution frame) beside a slide read from an image (image pixels), with the spot
+    columns only the first has read back from spots.csv as text with empty cells; a slide id with '/'."""
+    import anndata as ad
+
+    from hevisum.outputs import SlideImages, library_key, predictions_to_h5ad
+
+    spots = pd.DataFrame({"slide": ["v", "v", "a/b"], "spot_id": ["AC-1", "GT-1", "0"],
+                          "x": [10.0, 20.0, 5.0], "y": [30.0, 40.0, 6.0], "pitch_px": [9.0, 9.0, 4.0],
+                          "pxl_col_in_fullres": ["100.25", "200.5", ""], "pxl_row_in_fullres": ["300", "400", ""],
+                          "in_tissue": ["1", "1", ""]})
+    hires, lowres = np.zeros((50, 60, 3), np.uint8), np.zeros((10, 12, 3), np.uint8)
+    views = {"v": SlideImages(hires, 1.0, {"hires": hires, "lowres": lowres},
+                              {"tissue_hires_scalef": 0.1, "tissue_lowres_scalef": 0.02,
+                               "spot_diameter_fullres": 90.0}, frame="fullres"),
+             "a/b": (np.ones((8, 8, 3), np.uint8), 0.5)}
+    truth = np.array([[1.0, 0.0], [0.5, 0.5], [np.nan, np.nan]])
+    predictions_to_h5ad(spots, np.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7]]), ["T cell", "B cell"],
+                        tmp_path / "p.h5ad", views, split=["train_oof", "train_oof", "test"], truth=truth,
+                        info={"units": "rank"})
+    a = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert list(a.obs_names) == ["AC-1", "GT-1", "0"] and list(a.var_names) == ["T cell", "B cell"]
+    np.testing.assert_array_equal(a.obsm["spatial"], [[100.25, 300.0], [200.5, 400.0], [5.0, 6.0]])
+    assert library_key("a/b") != "a/b" and set(a.uns["spatial"]) == {"v", library_key("a/b")}
+    assert list(a.obs["library_id"]) == ["v", "v", library_key("a/b")]
+    assert a.uns["spatial"]["v"]["scalefactors"]["tissue_lowres_scalef"] == 0.02
+    assert set(a.uns["spatial"]["v"]["images"]) == {"hires", "lowres"}
+    assert a.uns["spatial"][library_key("a/b")]["scalefactors"]["tissue_hires_scalef"] == 0.5
+    np.testing.assert_array_equal(a.obs["in_tissue"].to_numpy()[:2], [1, 1])
+    assert np.isnan(a.layers["truth"][2]).all() and a.uns["hevisum"]["units"] == "rank"

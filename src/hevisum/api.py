@@ -46,7 +46,7 @@ def read(data, **opts) -> list[Slide]:
         return read_inputs(paths, **_marked_tests(opts, data))
 
 
-def run(data=None, out: str | Path = "hevisum-run", config: None | str | Path | dict = None, *,
+def run(data, out: str | Path, config: None | str | Path | dict = None, *,
         truth: None | str | Path | pd.DataFrame = None, profile: str | None = None, seed: int | None = None,
         device: str = "auto", progress: bool = True, force: bool = False, resume: bool = False,
         **reader_opts) -> RunResult:

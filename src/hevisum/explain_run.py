@@ -14,14 +14,15 @@ folder, then one method of the run is explained (the selected one unless ``metho
   after the encoder's own (colour statistics, neighbour/slide/wide context, coordinates) are left out of the
   chain: the explained output is the encoder block's contribution to the prediction (plus the intercept).
 
-Everything is computed in float32 (a run with ``train.precision`` ``auto`` predicts in bfloat16 on a CPU), so
-the differentiable chain reproduces the method's outputs to float32 rounding; ``forward_check`` in explain.json
-records how closely.
+Everything is computed in float32, the heads' linear maps in float64 (a run with ``train.precision`` ``auto``
+predicts in bfloat16 on a CPU), so the differentiable forwards reproduce the method's outputs to rounding;
+``forward_check_max_abs_error`` in explain.json records how closely.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -250,7 +251,10 @@ def _dihedral(x):
     return views
 
 
+@functools.lru_cache(maxsize=1)
 def _module_classes():
+    """(EncoderPixels, DihedralMean, Float64Head): torch modules, defined on first use so that importing this
+    module does not import torch."""
     import torch.nn.functional as F
     from torch import nn
 
@@ -288,7 +292,32 @@ def _module_classes():
             views = _dihedral(pixels)
             return sum(self.inner(v) for v in views) / len(views)
 
-    return EncoderPixels, DihedralMean
+    from hevisum.explain import FeatureHeadForward
+
+    class Float64Head(FeatureHeadForward):
+        """:class:`~hevisum.explain.FeatureHeadForward` with its linear map in float64.
+
+        The z-score stays in float32, the arithmetic of :func:`hevisum.features.standardise_per_slide`; the map,
+        whose folded weights reach 1e4 for a PCA probe, is applied in float64 like the head's own prediction, so
+        float32 rounding of the weights does not shift the output."""
+
+        def forward(self, x):
+            return self.features(x).double() @ self.weight.T + self.bias
+
+    return EncoderPixels, DihedralMean, Float64Head
+
+
+def float64_head(chain, weight: np.ndarray, bias: np.ndarray):
+    """``chain`` (from :func:`hevisum.explain.feature_head_forward`, which checks the shapes) with its linear
+    map replaced by the float64 ``weight`` (T, F) and ``bias`` (T,)."""
+    import torch
+
+    Float64Head = _module_classes()[2]
+    w = torch.as_tensor(np.ascontiguousarray(weight, dtype=np.float64))
+    b = torch.as_tensor(np.broadcast_to(np.asarray(bias, dtype=np.float64), (w.shape[0],)).copy())
+    if tuple(w.shape) != tuple(chain.weight.shape):
+        raise HevisumError(f"weight {tuple(w.shape)} does not match the chain's {tuple(chain.weight.shape)}")
+    return Float64Head(chain.embed, chain.mean, chain.std, w, b).eval()
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -305,6 +334,7 @@ class Explained:
     fold_errors: np.ndarray  # (P,) max over the forwards of each one's relative completeness error
     steps: np.ndarray  # (P,) integration steps used
     forward_check: float = 0.0  # max |forward − the method's own output (less non-encoder blocks)|
+    forward_check_rel: float = 0.0  # the same divided by max(1, |the fold models' outputs|)
 
 
 def _rel(err: np.ndarray, diff: np.ndarray) -> np.ndarray:
@@ -322,7 +352,7 @@ def _outputs(forward, images: np.ndarray, batch_size: int, device: str) -> np.nd
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size], dtype=np.float32)).to(dev)
-            out.append(forward(x).float().cpu().numpy())
+            out.append(forward(x).double().cpu().numpy())
     forward.cpu()
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
 
@@ -356,7 +386,7 @@ def attribute_pairs(forwards: list, tiles: np.ndarray, pairs: list[tuple[int, in
             attrs[f, todo] = a
         used[todo] = cur
         sums = attrs.sum(axis=(2, 3, 4), dtype=np.float64)  # (n, P)
-        fold_err = np.nanmax(_rel(sums - (fx - fb), fx - fb), axis=0) if n else np.zeros(p)
+        fold_err = np.fmax.reduce(_rel(sums - (fx - fb), fx - fb), axis=0)  # NaN only where every one is
         mean_err = _rel(sums.mean(axis=0) - (fx - fb).mean(axis=0), (fx - fb).mean(axis=0))
         if rtol is None or 2 * cur > max_steps:
             break
@@ -374,15 +404,16 @@ def explain_tile_models(models: list, tiles: np.ndarray, pairs: list[tuple[int, 
     ``method_out`` (n_folds, n_tiles, T): the fold models' own predictions of ``tiles``."""
     from hevisum.explain import tile_model_forward
 
-    _, DihedralMean = _module_classes()
+    DihedralMean = _module_classes()[1]
     forwards = []
     for lm in models:
         fwd = tile_model_forward(lm.method._net)
         forwards.append(DihedralMean(fwd).eval() if tta else fwd)
-    check = max(float(np.max(np.abs(_outputs(fwd, tiles, ig["batch_size"], ig["device"]) - method_out[k])))
-                for k, fwd in enumerate(forwards))
+    errs = [np.abs(_outputs(fwd, tiles, ig["batch_size"], ig["device"]) - method_out[k])
+            for k, fwd in enumerate(forwards)]
     res = attribute_pairs(forwards, tiles, pairs, **ig)
-    res.forward_check = check
+    res.forward_check = max(float(np.max(e)) for e in errs)
+    res.forward_check_rel = max(float(np.max(e / np.maximum(1.0, np.abs(method_out[k])))) for k, e in enumerate(errs))
     return res
 
 
@@ -436,7 +467,7 @@ def explain_from_run(run_dir: Path, input_path: str, out: Path, *, targets: str 
                           n_spots, steps, baseline, rtol if rtol else None, max_steps, batch_size, overlay,
                           reader_kwargs, device, progress, say, read_inputs, thumbnail)
         atomic_write_text(tmp / "explain.json", json.dumps(_json_safe(result), indent=1))
-    errs = [r["completeness_error"] for r in result["spots"] if r["completeness_error"] is not None]
+    errs = [e for e in (r["completeness_error"] for r in result["spots"]) if e is not None and np.isfinite(e)]
     say(f"wrote {out}: {len(result['spots'])} spot/target pairs; relative completeness error median "
         f"{np.median(errs) if errs else float('nan'):.2%}, max {max(errs) if errs else float('nan'):.2%}")
     return result
@@ -537,7 +568,7 @@ def _explain(tmp: Path, run_dir: Path, input_path: str, cfg, run: dict, names: l
             thumb, scale = thumbs[slide]
             xy = np.array([[records[i]["x"], records[i]["y"]] for i in ii])
             png = tmp / "slides" / f"{safe_name(slide)}__{safe_name(names[t])}.png"
-            save_slide_overlay(png, thumb, xy, res.attr_sum[ii], scale=scale,
+            save_slide_overlay(png, thumb, xy, res.attr_sum[ii], scale=scale, size=60.0,
                                title=f"{slide} · {names[t]} ({name})",
                                label="sum of attributions = f(tile) − f(baseline)")
             for i in ii:
@@ -554,6 +585,7 @@ def _explain(tmp: Path, run_dir: Path, input_path: str, cfg, run: dict, names: l
         "prediction_is": "the run's prediction of this method: fold models' outputs smoothed over neighbouring "
                          "spots (when smoothing is on), then rank-averaged over fold models (per-spot ranks 0..1)",
         "forward_check_max_abs_error": res.forward_check,
+        "forward_check_max_rel_error": res.forward_check_rel,
         "completeness": {"median": float(np.median(errs)) if errs.size else None,
                          "max": float(np.max(errs)) if errs.size else None,
                          "n_pairs": len(records), "n_over_5_percent": int(np.sum(errs > 0.05))},
@@ -566,7 +598,7 @@ def _explain_head(models: list, store, prep, rows: np.ndarray, tiles: np.ndarray
     """The frozen-encoder chain with the fold models' mean linear map on the encoder block."""
     from hevisum.explain import feature_head_forward, fold_ridge_head, slide_statistics
 
-    EncoderPixels, _ = _module_classes()
+    EncoderPixels = _module_classes()[0]
     spec = models[0].method.features()[0]
     enc = store.encoder()
     stages = spec.view == "stages" and bool(getattr(enc, "stages_feature_dim", None))
@@ -584,15 +616,19 @@ def _explain_head(models: list, store, prep, rows: np.ndarray, tiles: np.ndarray
     # the non-encoder blocks' contribution of the mean map, and the method's own (mean) output
     rest = X[rows, n_enc:].astype(np.float64) @ W[:, n_enc:].T if X.shape[1] > n_enc else np.zeros((len(rows), len(b)))
     own = np.mean([p[rows] for p in fold_preds], axis=0)
+    scale = np.maximum(1.0, np.max([np.abs(p[rows]) for p in fold_preds], axis=0))  # float32 rounding of each
     parts: list[tuple[list[int], Explained]] = []
-    check = 0.0
+    check = check_rel = 0.0
     norm = cfg.models.feature_norm == "slide"
     for slide in dict.fromkeys(slides[rows].tolist()):
         local = np.flatnonzero(slides[rows] == slide)
         mean, std = slide_statistics(base[slides == slide]) if norm else (None, None)
-        chain = feature_head_forward(embed, mean, std, W, b, columns=slice(0, n_enc))
+        chain = float64_head(feature_head_forward(embed, mean, std, W, b, columns=slice(0, n_enc)),
+                             W[:, :n_enc], b)
         outs = _outputs(chain, tiles[local], ig["batch_size"], ig["device"])
-        check = max(check, float(np.max(np.abs(outs + rest[local] - own[local]))))
+        err = np.abs(outs + rest[local] - own[local])
+        check = max(check, float(np.max(err)))
+        check_rel = max(check_rel, float(np.max(err / scale[local])))
         on_slide = set(local.tolist())
         sel = [i for i, (k, _) in enumerate(pairs) if k in on_slide]
         if sel:
@@ -602,15 +638,15 @@ def _explain_head(models: list, store, prep, rows: np.ndarray, tiles: np.ndarray
         del chain
     p = len(pairs)
     res = Explained(np.zeros((p, *tiles.shape[1:]), np.float32), *(np.zeros(p) for _ in range(4)),
-                    np.zeros(p, np.int64), check)
+                    np.zeros(p, np.int64), check, check_rel)
     for sel, part in parts:
         for f in ("attributions", "output", "base_output", "attr_sum", "fold_errors", "steps"):
             getattr(res, f)[sel] = getattr(part, f)
     notes = []
     if X.shape[1] > n_enc:
         notes.append(f"the method reads {X.shape[1]} feature columns; the chain covers the encoder block's "
-                     f"{n_enc} (the rest: colour statistics, context, coordinates, enter as constants and are "
-                     "left out)")
+                     f"{n_enc}; the other {X.shape[1] - n_enc} (colour statistics, context blocks, coordinates) are "
+                     "left out, and the outputs here are the prediction less their contribution")
     explained = ("the encoder block's contribution to the mean of the fold models' outputs: pixels → encoder → "
                  "z-score with the slide's statistics held constant → the fold models' mean ridge map on the "
                  "encoder columns (+ intercept)")

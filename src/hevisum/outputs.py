@@ -155,8 +155,10 @@ def predictions_to_h5ad(spots: pd.DataFrame, pred: np.ndarray, target_names: lis
     if split is not None:
         obs["split"] = pd.Categorical(np.asarray(split, dtype=str), categories=["test", "train_oof"])
     for col in SPOT_COLUMNS:
-        if col in spots.columns and pd.api.types.is_numeric_dtype(spots[col]):
-            obs[col] = spots[col].to_numpy()
+        if col in spots.columns:
+            v = _numbers(spots[col])
+            if np.isfinite(v).any():  # integers stay integers where every slide has the column
+                obs[col] = v.astype(np.int64) if np.isfinite(v).all() and (v == np.round(v)).all() else v
     var = pd.DataFrame(index=pd.Index([str(n) for n in target_names]))
     var["column"] = [f"C{i + 1}" for i in range(len(target_names))]
     if var.index.duplicated().any():
@@ -171,7 +173,7 @@ def predictions_to_h5ad(spots: pd.DataFrame, pred: np.ndarray, target_names: lis
         rows = slides == slide
         v = views.get(slide)
         if v is not None and v.frame == "fullres" and all(c in spots.columns for c in FULLRES_COLUMNS):
-            full = spots.loc[rows, list(FULLRES_COLUMNS)].to_numpy(dtype=np.float64)
+            full = np.column_stack([_numbers(spots.loc[rows, c]) for c in FULLRES_COLUMNS])
             if np.isfinite(full).all():
                 xy[rows] = full
             else:
@@ -190,6 +192,12 @@ def predictions_to_h5ad(spots: pd.DataFrame, pred: np.ndarray, target_names: lis
         adata.uns["hevisum"] = dict(info)
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
+
+
+def _numbers(col: pd.Series) -> np.ndarray:
+    """A spot column as float64, NaN where empty or not a number (a column only some slides have is read back
+    from spots.csv as text with empty cells)."""
+    return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def write_prediction_outputs(folder: Path, spots: pd.DataFrame, pred: np.ndarray, target_names: list[str],

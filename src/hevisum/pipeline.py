@@ -60,7 +60,7 @@ from hevisum.methods import (
 )
 from hevisum.methods.base import _json_safe
 from hevisum.names import safe_name
-from hevisum.outputs import prediction_frame, thumbnail, write_prediction_outputs
+from hevisum.outputs import prediction_frame, slide_images, write_prediction_outputs
 from hevisum.postprocess import smooth_rows
 
 log = logging.getLogger("hevisum")
@@ -325,7 +325,7 @@ def run(inputs: list[str] | None, out: Path, *, config_path: str | None = None, 
         dump_config(cfg, tmp / "config.toml")
         say(f"preprocessing {len(slides)} slide(s)", progress)
         prep = preprocess_stage(slides, cfg, tmp / "prep", methods, progress, resume=resume)
-        thumbs = {s.slide_id: thumbnail(s.image) for s in slides}
+        thumbs = {s.slide_id: slide_images(s) for s in slides}
         del slides
         say(prep.summary(), progress)
         targets = targets_stage(prep, cfg)
@@ -414,10 +414,11 @@ def _add_fit_space_mse(test: dict, preds: dict, truth_df: pd.DataFrame, spots: p
     # a truth file without a slide column covers the one test slide (evaluate_frames has already checked that)
     slide = truth_df["slide"].astype(str) if "slide" in truth_df else str(spots["slide"].iloc[0])
     t = truth_df.assign(slide=slide, ID=truth_df["ID"].astype(str)).set_index(["slide", "ID"])
-    T = t.loc[keys, cols].to_numpy(np.float64)
+    known = keys.isin(t.index)  # only the test spots the truth file covers
+    T = t.loc[keys[known], cols].to_numpy(np.float64)
     T_fit = fit_targets(T, rank_targets(T, cfg.targets.tie_tol), cfg)
     for name, pred in preds.items():
-        test[name]["overall"]["mse_fit_space"] = mse(pred, T_fit)
+        test[name]["overall"]["mse_fit_space"] = mse(np.asarray(pred)[known], T_fit)
 
 
 def _truth_frame(truth: str | None, prep) -> pd.DataFrame | None:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from hevisum.errors import HevisumError
-from hevisum.outputs import prediction_frame, thumbnail, write_prediction_outputs
+from hevisum.outputs import prediction_frame, run_info, slide_images, write_prediction_outputs
 
 
 def load_run(run_dir: Path) -> dict:
@@ -72,7 +72,7 @@ def predict_from_run(run_dir: Path, input_path: str, out: Path, reader_kwargs: d
         raise HevisumError(f"{run_dir / 'metrics.json'}: the stacker is selected but no stacked methods are listed")
     with atomic_dir(Path(out), force=force, protect=[run_dir, Path(input_path)], kind="predict") as tmp:
         slides = read_inputs([input_path], **(reader_kwargs or {}))
-        thumbs = {s.slide_id: thumbnail(s.image) for s in slides}
+        thumbs = {s.slide_id: slide_images(s) for s in slides}
         prep = preprocess_stage(slides, cfg, tmp / "prep", methods, progress,
                                 stain_target=StainTarget.from_dict(run["stain"]), keep_all_spots=True)
         del slides
@@ -86,7 +86,7 @@ def predict_from_run(run_dir: Path, input_path: str, out: Path, reader_kwargs: d
         else:
             pred = per[0]
         pred = np.asarray(pred, dtype=np.float32)
-        write_prediction_outputs(tmp, prep.spots, pred, names, thumbs)
+        write_prediction_outputs(tmp, prep.spots, pred, names, thumbs, info=run_info(cfg, best))
         df = prediction_frame(prep.spots, pred)
     if progress:
         print(f"[hevisum] wrote {out}: {len(df)} spots predicted with {best}")

@@ -254,7 +254,9 @@ def read_inputs(paths: Sequence[str | Path], *, targets: str | None = None, imag
                             progress=progress))
     check_unique_ids([ls.slide for ls in loaded])
     slides = resolve_gene_targets(loaded, top_genes, genes)
-    slides = apply_test_split(slides, test_slides, ", ".join(map(str, paths)))
+    # test slides an input marks itself (an .h5ad's obs["split"]) but that still carry values: those are truth
+    marked = [s.slide_id for s in slides if s.split == "test" and s.targets is not None]
+    slides = apply_test_split(slides, list(test_slides or []) + marked, ", ".join(map(str, paths)))
     for s in slides:
         s.validate()
     check_same_targets([s for s in slides if s.split == "train"])

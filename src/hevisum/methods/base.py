@@ -257,17 +257,17 @@ def _json_safe(obj):
 
 def _loss_png(log, path: Path, title: str) -> None:
     """The fold's training/validation loss and validation per-spot Spearman per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from hevisum.names import plot_text
     from hevisum.report.plots import loss_curves
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    # a Figure of its own (not pyplot): the session's plotting backend, e.g. inline in a notebook, is left alone
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    a1, a2 = fig.subplots(1, 2)
     loss_curves(a1, a2, {"": log})
     fig.suptitle(plot_text(title), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

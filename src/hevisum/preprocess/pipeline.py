@@ -213,8 +213,9 @@ def load_prepared(workdir: str | Path) -> Prepared:
     if missing:
         raise HevisumError(f"{workdir}: not a complete preprocessed work folder, missing {missing}")
     # ids stay strings ("NA" or "007" are valid spot ids)
+    # round_trip: coordinates come back bit for bit (full-resolution Visium positions are joined on them)
     spots = pd.read_csv(workdir / "spots.csv", dtype={"slide": str, "spot_id": str, "split": str},
-                        keep_default_na=False)
+                        keep_default_na=False, float_precision="round_trip")
     if "test_set" in spots:
         spots["test_set"] = pd.to_numeric(spots["test_set"], errors="coerce").astype("Int64")
     tiles = np.load(workdir / "tiles.npy", mmap_mode="r")

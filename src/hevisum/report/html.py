@@ -131,7 +131,7 @@ def write_report(folder: Path, result, n_maps: int = 3) -> Path:
         "that never saw its slide, or its block of a single slide); the stacker is scored by a nested "
         "leave-one-slide-out over those. Predictions are per-spot rank scores (0..1, higher = more abundant "
         "relative to the spot's other targets), not proportions.</p>",
-        _nav(prep, folds),
+        _nav(),
     )
     rows_html = []
     for name, s in summaries.items():
@@ -299,7 +299,7 @@ def _per_target_table(result, best: str, ref: str, truth: np.ndarray) -> pd.Data
     cols = {"target": names, "column": [f"C{i + 1}" for i in range(len(names))],
             "cv_pearson": [get(cv, n, "pearson") for n in names],
             "cv_spearman": [get(cv, n, "spearman") for n in names],
-            f"baseline_cv_pearson": [get(base, n, "pearson") for n in names]}
+            "baseline_cv_pearson": [get(base, n, "pearson") for n in names]}
     if test:
         cols["test_pearson"] = [get(test, n, "pearson") for n in names]
         cols["test_spearman"] = [get(test, n, "spearman") for n in names]
@@ -315,7 +315,7 @@ def _per_target_table(result, best: str, ref: str, truth: np.ndarray) -> pd.Data
 # ------------------------------------------------------------------------------------------- sections
 
 
-def _nav(prep, folds) -> str:
+def _nav() -> str:
     links = ["<a href='#methods'>methods</a>", "<a href='#targets'>per target</a>", "<a href='#slides'>slides</a>"]
     links += ["<a href='#embedding'>embedding QC</a>", "<a href='#qc'>preprocessing QC</a>",
               "<a href='#explain'>explanations</a>", "<a href='#files'>files</a>"]
