@@ -36,7 +36,22 @@ def _add_reader_options(p: argparse.ArgumentParser) -> None:
         "--top-genes",
         type=int,
         default=50,
-        help="when targets are gene counts: keep this many most variable genes, as log1p(counts/total*1e4)",
+        help="when targets are gene counts: keep this many most variable genes, as log1p(counts/total*1e4) "
+        "(an .h5ad's var['highly_variable'] marks, when present, are used instead)",
+    )
+    g.add_argument(
+        "--genes",
+        default=None,
+        metavar="FILE",
+        help="when targets are gene counts: predict exactly these genes (a text file, one name per line) instead "
+        "of the most variable ones",
+    )
+    g.add_argument(
+        "--fullres",
+        default=None,
+        metavar="IMAGE",
+        help="Visium: the full-resolution image Space Ranger was run on (TIFF/JPEG); coordinates stay in its frame "
+        "(pxl_row/col_in_fullres), microns per pixel from the 55 um spot diameter",
     )
     g.add_argument(
         "--test",
@@ -50,10 +65,33 @@ def _add_reader_options(p: argparse.ArgumentParser) -> None:
 def _reader_kwargs(args: argparse.Namespace) -> dict:
     return {
         "targets": args.targets,
-        "image": args.image,
+        "image": getattr(args, "fullres", None) or args.image,
         "top_genes": args.top_genes,
         "test_slides": args.test,
+        "genes": _read_gene_list(args.genes) if getattr(args, "genes", None) else None,
     }
+
+
+def _read_gene_list(path: str) -> list[str]:
+    """Gene names, one per line (a CSV/TSV: its first column; a header named gene/genes/symbol is skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise HevisumError(f"--genes {path!r} not found; give a text file with one gene name per line")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HevisumError(f"--genes {path!r}: not a readable text file ({e})") from None
+    out = []
+    for line in lines:
+        name = line.replace("\t", ",").split(",")[0].strip().strip('"')
+        if name and name.lower() not in ("gene", "genes", "symbol", "gene_name", "gene_id"):
+            out.append(name)
+    if not out:
+        raise HevisumError(f"--genes {path!r} lists no gene names; give one gene name per line")
+    if len(set(out)) != len(out):
+        dup = next(g for g in out if out.count(g) > 1)
+        raise HevisumError(f"--genes {path!r} lists gene {dup!r} twice")
+    return out
 
 
 def _add_force(p: argparse.ArgumentParser, what: str) -> None:

@@ -133,7 +133,8 @@ def choose_method(run_dir: Path, metrics: dict, requested: str | None) -> tuple[
     saved = _saved_methods(run_dir)
     if requested:
         name = canonical_name(requested)
-        get_method(name)  # an unknown name: a clear error listing the registered ones
+        if get_method(name).stacker:  # an unknown name: a clear error listing the registered ones
+            raise _refuse(run_dir, f"the {name} stacker combines other methods' predictions; explain one of them")
         if name not in saved:
             raise HevisumError(f"method {requested!r} has no saved fold models in {run_dir / 'models'}; "
                                f"saved methods: {', '.join(saved) or 'none'}")
@@ -449,6 +450,8 @@ def explain_from_run(run_dir: Path, input_path: str, out: Path, *, targets: str 
         raise HevisumError(f"--max-steps ({max_steps}) must be at least --steps ({steps})")
     if batch_size < 1:
         raise HevisumError(f"--batch-size must be a positive integer, got {batch_size}")
+    if not spots and n_spots < 1:
+        raise HevisumError(f"--n-spots must be at least 1, got {n_spots}")
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     cfg, metrics, names = run["cfg"], run["metrics"], list(run["target_names"])

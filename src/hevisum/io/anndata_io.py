@@ -297,7 +297,11 @@ def _load(adata, p: Path, targets: str | None, image: str, max_side: int | None)
             continue
         is_counts = looks_like_counts(v) if counts_flag is None else counts_flag
         if is_counts:
-            loaded.append(LoadedSlide(slide, GeneCounts(to_csr_counts(v), list(names), f"{p} {described}")))
+            hv = None
+            if "highly_variable" in adata.var and len(adata.var) == len(names):
+                flags = np.asarray(adata.var["highly_variable"]).astype(bool)
+                hv = [n for n, f in zip(names, flags) if f] or None
+            loaded.append(LoadedSlide(slide, GeneCounts(to_csr_counts(v), list(names), f"{p} {described}", hv)))
             continue
         slide.targets = v.toarray() if sp.issparse(v) else v
         slide.target_names = list(names)

@@ -167,6 +167,7 @@ class GeneCounts:
     counts: sp.csr_matrix
     genes: list[str]
     source: str = ""
+    highly_variable: list[str] | None = None  # genes the input marks (AnnData var["highly_variable"])
 
 
 @dataclass
@@ -262,6 +263,10 @@ def resolve_gene_targets(loaded: Sequence[LoadedSlide], top_genes: int = 50,
                 "targets are gene counts must use the same gene naming (symbols or Ensembl ids)"
             )
     norm = [normalize_counts(_align(ls.counts, index, len(union))) for ls in pending]
+    marked = [ls.counts.highly_variable for ls in pending if ls.counts.highly_variable]
+    if genes is None and marked:
+        # the input's own choice (scanpy's highly_variable_genes): the genes marked on every such slide
+        genes = [g for g in marked[0] if all(g in set(m) for m in marked[1:])]
     if genes is not None:
         missing = [g for g in genes if g not in index]
         if missing:
