@@ -64,7 +64,7 @@ def _is_png(path) -> bool:
 def test_explain_tile_network(tiny_run):
     out = tiny_run["tmp"] / "ex_cnn"
     cli("explain", str(tiny_run["run"]), str(tiny_run["h5"]), "--out", str(out), "--method", "hevisum-cnn",
-        "--spots", "S_4:0", "--targets", "C2", "--steps", "16", "--quiet")
+        "--spots", "S_4:0", "--targets", "C2", "--steps", "16", "--max-steps", "256", "--quiet")
     res = json.loads((out / "explain.json").read_text())
     assert res["method"] == "hevisum-cnn" and res["n_fold_models"] == 3 and res["kind"] == "tile network"
     assert [t["column"] for t in res["targets"]] == ["C2"]

@@ -77,8 +77,11 @@ class EncoderProbe(Method):
         from hevisum.models.baselines import RidgeHead
 
         mean = X.mean(axis=0)
-        k = int(min(self.n_components, X.shape[0] - 1, X.shape[1]))
-        _, _, vt = np.linalg.svd(X - mean, full_matrices=False)
+        _, sv, vt = np.linalg.svd(X - mean, full_matrices=False)
+        # components with (numerically) no variance in the training rows would be scaled up by the head's
+        # standardisation and blow up on new slides: keep those carrying variance, at most n_components
+        keep = int(np.sum(sv > 1e-3 * sv[0])) if len(sv) and sv[0] > 0 else 1
+        k = int(max(1, min(self.n_components, X.shape[0] - 2, X.shape[1], keep)))
         comps = vt[:k]
         self._head = RidgeHead(alpha=self.cfg.models.ridge_alpha or None).fit((X - mean) @ comps.T, Y, groups)
         self.params = {"alpha": self._head.alpha_, "n_components": k}
