@@ -121,7 +121,7 @@ def test_notebooks_exist():
     assert len(names) == 10
 
 
-@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem != "10_python_api"], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_without_outputs(path: Path):
     """No outputs, no execution counts, the python3 kernel, and a DATA = None parameters cell first."""
     nb = nbformat.read(path, as_version=4)
@@ -150,7 +150,9 @@ def _marks(path: Path):
     return [pytest.mark.slow] if path.stem in SLOW else []
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=_marks(p)) for p in NOTEBOOKS])
+# 10_python_api is executed by tests/test_api.py
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=_marks(p)) for p in NOTEBOOKS
+                                  if p.stem != "10_python_api"])
 def test_notebook_runs_on_demo_data(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     before = _listing(NOTEBOOK_DIR)
     nb = execute_notebook(path, tmp_path, monkeypatch)
