@@ -241,15 +241,10 @@ def resolve_spots(spec: str | None, spots, pred: np.ndarray, targets: list[int],
 
 
 def _dihedral(x):
-    """The 8 flips/rotations of an NHWC batch, in the order of :func:`hevisum.training.dihedral_views`."""
-    import torch
+    """The 8 flips/rotations of an NHWC batch, as test-time augmentation makes them."""
+    from hevisum.training import dihedral_views
 
-    views = []
-    for flip in (False, True):
-        y = torch.flip(x, dims=[2]) if flip else x
-        for k in range(4):
-            views.append(torch.rot90(y, k, dims=[1, 2]))
-    return views
+    return dihedral_views(x)
 
 
 @functools.lru_cache(maxsize=1)
