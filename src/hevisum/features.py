@@ -40,6 +40,17 @@ class FeatureStore:
     _digest: str | None = None
     _memo: dict = field(default_factory=dict)
 
+    @classmethod
+    def for_prep(cls, prep, cfg, device: str = "cpu", progress: bool = False) -> "FeatureStore":
+        """The store of a preprocessed work folder: its spot tiles and extra tile caches; with ``features.tiles =
+        "tissue"`` the encoder sees the tissue-scale cache instead of the spot tiles (when the slides had µm/px)."""
+        tiles = {"spot": prep.tiles, **prep.extra_tiles}
+        if cfg.features.tiles == "tissue" and "tissue" in prep.extra_tiles:
+            tiles["spot"] = prep.extra_tiles["tissue"]
+        elif cfg.features.tiles == "tissue":
+            log.info("features.tiles = 'tissue' needs microns per pixel; the slides have none: using spot tiles")
+        return cls(workdir=prep.workdir, tiles=tiles, spots=prep.spots, cfg=cfg, device=device, progress=progress)
+
     # ---------------------------------------------------------------- encoder
     def encoder(self):
         if self._encoder is None:

@@ -195,21 +195,16 @@ def targets_stage(prep, cfg: RunConfig) -> Targets:
 
 
 def feature_store(prep, cfg: RunConfig, device: str, progress: bool):
+    """The features of a preprocessed work folder (see :meth:`hevisum.features.FeatureStore.for_prep`)."""
     from hevisum.features import FeatureStore
 
-    tiles = {"spot": prep.tiles, **prep.extra_tiles}
-    if cfg.features.tiles == "tissue" and "tissue" in prep.extra_tiles:
-        tiles["spot"] = prep.extra_tiles["tissue"]  # the encoder sees tissue-scale tiles
-    elif cfg.features.tiles == "tissue":
-        log.info("features.tiles = 'tissue' needs microns per pixel; the slides have none: using spot tiles")
-    return FeatureStore(workdir=prep.workdir, tiles=tiles, spots=prep.spots, cfg=cfg, device=device,
-                        progress=progress)
+    return FeatureStore.for_prep(prep, cfg, device, progress)
 
 
 def cross_validate_stage(prep, targets: Targets, methods: list[str], cfg: RunConfig, out: Path, device: str,
-                         progress: bool, resume: bool = False) -> CVResult:
+                         progress: bool, resume: bool = False, folds: Folds | None = None) -> CVResult:
     """Leave-one-slide-out for every method; fold models saved as they finish (and reused on resume)."""
-    folds = make_folds(prep.spots, seed=cfg.seed)
+    folds = folds if folds is not None else make_folds(prep.spots, seed=cfg.seed)
     store = feature_store(prep, cfg, device, progress)
     ctx = FitContext(cfg=cfg, tiles=prep.tiles, Y_fit=targets.fit, Y_raw=targets.raw, device=device, seed=cfg.seed,
                      progress=progress)
@@ -335,7 +330,7 @@ def run(inputs: list[str] | None, out: Path, *, config_path: str | None = None, 
         folds = make_folds(prep.spots, seed=cfg.seed)
         if truth and len(folds.test_rows):
             _check_truth(prep, folds, truth_df, truth)
-        cv = cross_validate_stage(prep, targets, methods, cfg, tmp, device, progress, resume=resume)
+        cv = cross_validate_stage(prep, targets, methods, cfg, tmp, device, progress, resume=resume, folds=folds)
         sel = cv.selection
         say(f"selected {sel.selected} (best cross-validated per-spot Spearman"
             f"{'' if sel.selected != stacker_name() else ', stacker beats the best single method beyond fold noise'})",

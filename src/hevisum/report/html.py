@@ -454,12 +454,8 @@ def _qc_features(result) -> tuple[np.ndarray, str]:
 
     cfg, prep = result.cfg, result.prep
     uses_encoder = any(s.source == "encoder" for r in result.cv.results for s in get_method(r.name)(cfg).features())
-    # the tiles the run's encoder saw, as hevisum.pipeline.feature_store picks them (features cached on disk)
-    tiles = {"spot": prep.tiles, **prep.extra_tiles}
-    if cfg.features.tiles == "tissue" and "tissue" in prep.extra_tiles:
-        tiles["spot"] = prep.extra_tiles["tissue"]
-    store = FeatureStore(workdir=prep.workdir, tiles=tiles, spots=prep.spots, cfg=cfg,
-                         device=str(result.metrics.get("device", "cpu")), progress=False)
+    # the tiles the run's encoder saw (features cached on disk)
+    store = FeatureStore.for_prep(prep, cfg, str(result.metrics.get("device", "cpu")))
     if uses_encoder:
         return store.base("encoder", "spot", "embed"), f"{cfg.encoder.name} encoder features of the spot tiles"
     return store.base("colour", "spot", "embed"), "colour statistics of the spot tiles (no encoder method ran)"
