@@ -92,9 +92,17 @@ def leftovers(parent: Path) -> list[str]:
                   if p.name.endswith((".partial", ".lock", ".tmp")) or ".old-" in p.name)
 
 
+def _default_signals() -> None:
+    # a test runner started under nohup hands its children SIGHUP ignored, and hevisum keeps what the caller
+    # ignores: the holder starts as from an interactive shell, with every signal at its default
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start_holder(out: Path, kind: str = "run", mode: str = "fresh") -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), kind, mode], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_default_signals)
     line = proc.stdout.readline()
     if line.strip() != "ready":
         proc.kill()
