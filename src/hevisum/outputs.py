@@ -54,7 +54,9 @@ class SlideImages:
     image pixel (iterating gives ``(thumb, scale)``, as :func:`thumbnail` returns). ``images`` and
     ``scalefactors``: ``uns['spatial'][slide]`` of predictions.h5ad. ``frame``: ``'fullres'`` when
     ``obsm['spatial']`` is the input's full-resolution frame (spot columns ``pxl_col_in_fullres``,
-    ``pxl_row_in_fullres``), ``'image'`` when it is the image's pixels.
+    ``pxl_row_in_fullres``), ``'image'`` when it is the image's pixels, ``'level0'`` when it is the pixels of a
+    full-resolution file read region by region (spot ``x, y`` divided by ``level0`` = the working image's
+    ``(sx, sy)``).
     """
 
     thumb: np.ndarray
@@ -62,6 +64,7 @@ class SlideImages:
     images: dict = field(default_factory=dict)
     scalefactors: dict = field(default_factory=dict)
     frame: str = "image"
+    level0: tuple[float, float] = (1.0, 1.0)
 
     def __iter__(self):
         return iter((self.thumb, self.scale))
@@ -87,10 +90,13 @@ def slide_images(slide, max_side: int = 1000) -> SlideImages:
         images = {k: v for k, v in meta["library_images"].items() if f"tissue_{k}_scalef" in sf}
     if images:
         return SlideImages(thumb, scale, images=images, scalefactors=dict(sf), frame="fullres")
-    factors = {"tissue_hires_scalef": float(scale)}
+    lv = meta.get("level0")
+    sx, sy = (float(lv["sx"]), float(lv["sy"])) if isinstance(lv, dict) else (1.0, 1.0)
+    factors = {"tissue_hires_scalef": float(scale) * sx}
     if meta.get("spot_diameter_px"):
-        factors["spot_diameter_fullres"] = float(meta["spot_diameter_px"])
-    return SlideImages(thumb, scale, images={"hires": thumb}, scalefactors=factors, frame="image")
+        factors["spot_diameter_fullres"] = float(meta["spot_diameter_px"]) / sx
+    return SlideImages(thumb, scale, images={"hires": thumb}, scalefactors=factors,
+                       frame="level0" if isinstance(lv, dict) else "image", level0=(sx, sy))
 
 
 def _as_images(value) -> SlideImages:
@@ -178,13 +184,15 @@ def predictions_to_h5ad(spots: pd.DataFrame, pred: np.ndarray, target_names: lis
                 xy[rows] = full
             else:
                 v = SlideImages(v.thumb, v.scale, {"hires": v.thumb}, {"tissue_hires_scalef": v.scale})
+        elif v is not None and v.frame == "level0":
+            xy[rows] = xy[rows] / np.asarray(v.level0, dtype=np.float64)  # the full-resolution file's pixels
         if v is None:
             continue
         factors = {k: float(f) for k, f in v.scalefactors.items()}
         if "spot_diameter_fullres" not in factors and "pitch_px" in spots.columns:
-            factors["spot_diameter_fullres"] = 0.5 * float(spots.loc[rows, "pitch_px"].median())
+            factors["spot_diameter_fullres"] = 0.5 * float(spots.loc[rows, "pitch_px"].median()) / v.level0[0]
         spatial[library_key(slide)] = {"images": dict(v.images), "scalefactors": factors,
-                          "metadata": {"frame": "fullres" if v.frame == "fullres" else "image"}}
+                          "metadata": {"frame": "fullres" if v.frame in ("fullres", "level0") else "image"}}
     adata.obsm["spatial"] = xy
     if spatial:
         adata.uns["spatial"] = spatial

@@ -207,6 +207,9 @@ def _downscale_slide(s: Slide, max_side: int) -> Slide:
     spots["x"] = spots["x"] * sx
     spots["y"] = spots["y"] * sy
     meta = dict(s.meta, downscale=(sx, sy))
+    if isinstance(meta.get("level0"), dict):  # working image of a file read lazily: keep the map to its pixels
+        lv = meta["level0"]
+        meta["level0"] = dict(lv, sx=float(lv["sx"]) * sx, sy=float(lv["sy"]) * sy)
     return replace(s, image=img, spots=spots, um_per_px=s.um_per_px / sx if s.um_per_px else None, meta=meta)
 
 

@@ -31,7 +31,7 @@ import scipy.sparse as sp
 
 from hevisum.errors import HevisumError
 from hevisum.io.atomic import atomic_path
-from hevisum.io.images import read_image_scaled, to_rgb_uint8
+from hevisum.io.images import read_slide_image, to_rgb_uint8
 from hevisum.io.tables import (
     GeneCounts,
     LoadedSlide,
@@ -106,14 +106,22 @@ def _slide_groups(adata, p: Path) -> tuple[str | None, list[str]]:
     return None, [libs[0] if len(libs) == 1 else p.stem]
 
 
+def _file_image(f: Path, max_side: int | None) -> tuple[np.ndarray, float, float, dict]:
+    """A full-resolution image file: (working image, sx, sy, meta), ``meta['level0']`` when read lazily."""
+    arr, (sx, sy), level0 = read_slide_image(f, max_side)
+    meta: dict = {"image": "full", "image_file": str(f)}
+    if level0 is not None:
+        meta["level0"] = level0
+    return arr, sx, sy, meta
+
+
 def _image_for(adata, sid: str, p: Path, image: str, max_side: int | None,
                n_slides: int) -> tuple[np.ndarray, float, float, dict]:
     """(image, sx, sy, meta) where full-res x * sx, y * sy are positions in the returned image."""
     spatial = adata.uns.get("spatial") or {}
     meta: dict = {}
     if image not in ("auto", "hires", "lowres", "full"):
-        arr, (sx, sy) = read_image_scaled(image, max_side)
-        return arr, sx, sy, {"image": "full", "image_file": str(image)}
+        return _file_image(Path(image), max_side)
     lib = spatial.get(sid) if isinstance(spatial, dict) else None
     if lib is None and isinstance(spatial, dict) and len(spatial) == 1 and n_slides == 1:
         # One slide and one library: they belong together whatever the library is called.
@@ -151,8 +159,7 @@ def _image_for(adata, sid: str, p: Path, image: str, max_side: int | None,
         ip = ip.get(sid)
     if isinstance(ip, str) and ip:
         f = Path(ip) if Path(ip).is_absolute() else p.parent / ip
-        arr, (sx, sy) = read_image_scaled(f, max_side)
-        return arr, sx, sy, {"image": "full", "image_file": str(f)}
+        return _file_image(f, max_side)
     raise HevisumError(
         f"{p}: no image for slide {sid!r}: expected uns['spatial'][{sid!r}]['images']['hires'|'lowres'] with "
         f"scalefactors, or uns['image_path'] (libraries found: {sorted(spatial) if isinstance(spatial, dict) else []})"

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from hevisum.errors import HevisumError
-from hevisum.io.images import IMAGE_SUFFIXES, find_image, read_image_scaled
+from hevisum.io.images import IMAGE_SUFFIXES, find_image, read_slide_image
 from hevisum.io.tables import (
     GeneCounts,
     LoadedSlide,
@@ -132,7 +132,8 @@ def load_legacy_st(image_path: str | Path, spots_path: str | Path, targets_path:
     if len(dup):
         raise HevisumError(f"{spots_path}: array position {dup[0]!r} appears twice among the selected spots")
 
-    img, (sx, sy) = read_image_scaled(image_path, max_side)
+    img, (sx, sy), level0 = read_slide_image(image_path, max_side,
+                                             table[["pixel_x", "pixel_y"]].to_numpy(np.float64))
     spots = pd.DataFrame({"spot_id": keys, "x": table["pixel_x"].to_numpy(np.float64) * sx,
                           "y": table["pixel_y"].to_numpy(np.float64) * sy,
                           "array_x": table["x"].to_numpy(), "array_y": table["y"].to_numpy()})
@@ -142,7 +143,9 @@ def load_legacy_st(image_path: str | Path, spots_path: str | Path, targets_path:
     if est is not None:
         um = est["um_per_px"] / sx
         meta.update({"um_per_px_estimated": True, "st_array": est["array"], "spot_pitch_px": est["spot_pitch_px"] * sx})
-    if (sx, sy) != (1.0, 1.0):
+    if level0 is not None:
+        meta["level0"] = level0  # tiles are read from the full-resolution file, not from the working image
+    elif (sx, sy) != (1.0, 1.0):
         meta["downscale"] = (sx, sy)
     base = Slide(slide_id=slide_id, image=img, spots=spots, um_per_px=um, source=str(spots_path.parent), meta=meta)
     if targets_path is None:

@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from hevisum.errors import HevisumError
-from hevisum.io.images import IMAGE_SUFFIXES, read_image_scaled
+from hevisum.io.images import IMAGE_SUFFIXES, read_slide_image
 from hevisum.io.tables import (
     GeneCounts,
     LoadedSlide,
@@ -301,7 +301,8 @@ def load_visium(path: str | Path, *, targets: str | None = None, image: str = "a
     if len(pos) == 0:
         raise HevisumError(f"{pos_src}: no spot has in_tissue == 1 (of {n_all}); the slide would be empty")
 
-    img, (sx, sy) = read_image_scaled(img_path, max_side)
+    img, (sx, sy), level0 = read_slide_image(
+        img_path, max_side, pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64) * scale)
     x = pos["pxl_col_in_fullres"].to_numpy(np.float64) * scale * sx
     y = pos["pxl_row_in_fullres"].to_numpy(np.float64) * scale * sy
     spots = pd.DataFrame({"spot_id": pos["barcode"].to_numpy(), "x": x, "y": y,
@@ -323,7 +324,9 @@ def load_visium(path: str | Path, *, targets: str | None = None, image: str = "a
         meta["spot_diameter_px"] = float(diam) * scale * sx
     else:
         meta["um_per_px_note"] = "scalefactors_json.json has no spot_diameter_fullres; um_per_px unknown"
-    if max_side is not None and (sx, sy) != (1.0, 1.0):
+    if level0 is not None:
+        meta["level0"] = level0  # tiles are read from the full-resolution file, not from the working image
+    elif max_side is not None and (sx, sy) != (1.0, 1.0):
         meta["downscale"] = (sx, sy)
 
     base = Slide(slide_id=sid, image=img, spots=spots, um_per_px=um_per_px, source=str(root), meta=meta)

@@ -53,6 +53,7 @@ __all__ = [
     "openslide_available",
     "read_tiles",
     "tissue_thumbnail",
+    "working_image",
     "write_pyramidal_tiff",
 ]
 
@@ -755,6 +756,53 @@ def _tile_batches(source: ImageSource, xy: np.ndarray, side: float, out_px: int,
         for i, (x, y) in enumerate(chunk):
             out[i] = source.read_region(x - half, y - half, side, side, out_size=out_px, pad=True)
         yield out
+
+
+# =============================================================================================== training slides
+
+#: longer side of the in-memory working image of a slide read lazily for training (masks, stain statistics,
+#: realignment, QC; its tiles come from the file at full resolution): the smallest that gives the spot pitch
+#: WORKING_PITCH_PX pixels, between WORKING_SIDE_MIN (Space Ranger's hires image is 2000 px) and WORKING_SIDE
+WORKING_SIDE_MIN, WORKING_SIDE, WORKING_PITCH_PX = 2048, 4096, 24.0
+
+
+def working_side(width: int, height: int, xy_level0: np.ndarray | None = None) -> int:
+    """The working image's longer side for a ``width`` x ``height`` file whose spots lie at ``xy_level0``."""
+    side = WORKING_SIDE_MIN
+    if xy_level0 is not None and len(xy_level0) >= 2:
+        from hevisum.preprocess.spots import spot_pitch
+
+        try:
+            pitch = spot_pitch(xy_level0)
+        except ValueError:
+            pitch = 0.0
+        if pitch > 0:
+            side = int(np.ceil(max(width, height) * WORKING_PITCH_PX / pitch))
+    return int(min(max(side, WORKING_SIDE_MIN), WORKING_SIDE))
+
+
+def wants_lazy(path: str | Path) -> bool:
+    """True for files whose regions can be read without decoding the whole image (tiled or pyramidal TIFF, vendor
+    formats); PNG, JPEG and BMP are decoded whole."""
+    return Path(path).suffix.lower() in OPENSLIDE_SUFFIXES + TIFF_SUFFIXES
+
+
+def working_image(path: str | Path, max_side: int | None = None, xy_level0: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, tuple[float, float], dict]:
+    """A slide file as an in-memory working image plus what is needed to read its tiles later at full resolution.
+
+    Returns ``(image, (sx, sy), level0)``: the whole slide with its longer side :func:`working_side` px (at most
+    ``max_side``), read from the best pyramid level block by block (level 0 is never held whole);
+    ``x_work = x_level0 * sx``, ``y_work = y_level0 * sy``; ``level0`` = ``{"path", "backend", "width",
+    "height", "sx", "sy", "um_per_px"}`` (JSON-safe) for :class:`hevisum.preprocess.tiles.SourceTiles`.
+    """
+    with open_image(path) as src:
+        side = working_side(src.width, src.height, xy_level0)
+        img, _ = src.thumbnail(side if max_side is None else min(int(max_side), side))
+        sx, sy = img.shape[1] / src.width, img.shape[0] / src.height
+        level0 = {"path": str(Path(path).resolve()), "backend": src.backend, "width": src.width,
+                  "height": src.height, "sx": sx, "sy": sy, "um_per_px": src.um_per_px}
+    return img, (sx, sy), level0
 
 
 # =============================================================================================== tissue

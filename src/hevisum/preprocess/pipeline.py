@@ -44,9 +44,9 @@ from hevisum.io.atomic import atomic_dir, check_output
 from hevisum.preprocess import qc_plots
 from hevisum.names import safe_name
 from hevisum.preprocess.spots import MIN_MARGIN, Realignment, invalid_spots, realign, spot_pitch
-from hevisum.preprocess.stain import StainTarget, fit_target, normalize, tissue_patch_pixels
+from hevisum.preprocess.stain import StainTarget, apply_mapping, fit_target, stain_mapping, tissue_patch_pixels
 from hevisum.preprocess.targets import rank_targets
-from hevisum.preprocess.tiles import TileGeometry, tile_side, write_tiles
+from hevisum.preprocess.tiles import SourceTiles, TileGeometry, tile_side, write_tiles
 from hevisum.preprocess.tissue import mask_background, tissue_mask, tissue_masks, working_factor
 from hevisum.slide import Slide, check_same_targets, check_unique_ids
 
@@ -161,15 +161,27 @@ def preprocess(slides: Sequence[Slide], cfg: PreprocessConfig, workdir: Path, pr
         def jobs():
             for s, plan in zip(slides, plans):
                 t1 = time.perf_counter()
-                image = normalize(s.image, target, masks[s.slide_id], seed=cfg.stain.seed)
+                mask = masks[s.slide_id]
+                mapping = stain_mapping(s.image, target, mask, seed=cfg.stain.seed)
+                image = apply_mapping(s.image, mapping)
                 if cfg.tissue.mask_background:
-                    image = mask_background(image, masks[s.slide_id], cfg.tissue.fill)
+                    image = mask_background(image, mask, cfg.tissue.fill)
                 thumbs[s.slide_id] = qc_plots.thumbnail(image, qc_plots.thumb_step(image.shape, 500)).copy()
                 timings["normalise_mask"] += time.perf_counter() - t1
                 sides = [g.side_px(plan["pitch"], s.um_per_px) for g in geometries]
                 geom_qc[s.slide_id] = {g.name: {"side_px": sd, "physical": phys} for g, (sd, phys) in
                                        zip(geometries, sides)}
-                yield image, plan["xy"][plan["keep"]], plan["tile_px"], [sd for sd, _ in sides]
+                xy = plan["xy"][plan["keep"]]
+                level0 = s.meta.get("level0")
+                if not isinstance(level0, dict):
+                    yield image, xy, plan["tile_px"], [sd for sd, _ in sides]
+                    continue
+                # a file read region by region: every tile from its full-resolution pixels, at exact sides
+                del image
+                fill = {"white": (255, 255, 255), "black": (0, 0, 0)}[cfg.tissue.fill]
+                with SourceTiles(level0, mapping, mask if cfg.tissue.mask_background else None, fill) as src:
+                    yield src, xy, cfg.tiles.scale * plan["pitch"], [g.side_exact(plan["pitch"], s.um_per_px)
+                                                                     for g in geometries]
 
         t0 = time.perf_counter()
         norm_before = timings["normalise_mask"]

@@ -7,7 +7,7 @@ reference slide) and every slide is mapped to it. Pure numpy; large images are p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -26,6 +26,9 @@ MIN_PIXELS = 100
 # Pixels used to estimate a source image's own stains (a fixed-seed subsample above this).
 MAX_ESTIMATE_PIXELS = 1_000_000
 _ROWS_PER_BLOCK = 256
+
+#: a per-pixel stain map: uint8 ``(..., 3)`` in, uint8 of the same shape out
+Mapping = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -130,11 +133,16 @@ def normalize_macenko(image: np.ndarray, target: StainTarget, mask: np.ndarray |
     None; a fixed-seed subsample of 1e6 when more). An image with too few stained pixels is returned
     unchanged (copied).
     """
+    return apply_mapping(image, _macenko_mapping(image, target, mask, alpha, beta, seed))
+
+
+def _macenko_mapping(image: np.ndarray, target: StainTarget, mask: np.ndarray | None, alpha: float, beta: float,
+                     seed: int) -> Mapping | None:
+    """The per-pixel map of ``image``'s stains onto ``target``'s (None when the image has too few stained pixels)."""
     io = float(target.io)
-    src = _sample(image, mask, seed)
-    est = _macenko_estimate(src, io, alpha, beta)
+    est = _macenko_estimate(_sample(image, mask, seed), io, alpha, beta)
     if est is None:
-        return image.copy()
+        return None
     he_src, max_src = est
     # concentrations of the image's own stains -> rescaled to the target's range -> recombined with its stains
     unmix = np.linalg.pinv(he_src)  # (2, 3): least squares per pixel, as one matrix product
@@ -142,12 +150,13 @@ def normalize_macenko(image: np.ndarray, target: StainTarget, mask: np.ndarray |
     mix = target.he * scale[None, :]  # (3, 2)
     proj = (mix @ unmix).T.astype(np.float32)  # (3, 3): OD_out = OD_in @ proj
     od_of = (-np.log((np.arange(256) + 1.0) / io)).astype(np.float32)  # optical density of each uint8 value
-    out = np.empty_like(image)
-    for r0 in range(0, image.shape[0], _ROWS_PER_BLOCK):
-        od = od_of[image[r0:r0 + _ROWS_PER_BLOCK]]  # optical density by table lookup
+
+    def apply(block: np.ndarray) -> np.ndarray:
+        od = od_of[block]  # optical density by table lookup
         rgb = np.float32(io) * np.exp(-(od @ proj))  # recombined with the target stains, back to intensities
-        out[r0:r0 + _ROWS_PER_BLOCK] = np.rint(np.clip(rgb, 0, 255))
-    return out
+        return np.rint(np.clip(rgb, 0, 255)).astype(np.uint8)
+
+    return apply
 
 
 def _macenko_estimate(px: np.ndarray, io: float, alpha: float, beta: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -198,19 +207,23 @@ def fit_reinhard(pixels_or_images: np.ndarray | Sequence[np.ndarray]) -> StainTa
 def normalize_reinhard(image: np.ndarray, target: StainTarget, mask: np.ndarray | None = None,
                        seed: int = 0) -> np.ndarray:
     """Match the LAB mean and standard deviation of ``image``'s (``mask``) pixels to ``target``'s."""
+    return apply_mapping(image, _reinhard_mapping(image, target, mask, seed))
+
+
+def _reinhard_mapping(image: np.ndarray, target: StainTarget, mask: np.ndarray | None, seed: int) -> Mapping | None:
+    """The per-pixel LAB standardisation of ``image`` onto ``target`` (None with too few pixels)."""
     src = _sample(image, mask, seed)
     if len(src) < MIN_PIXELS:
-        return image.copy()
+        return None
     lab = _rgb2lab(src)
     mu_s, sd_s = lab.mean(axis=0), np.maximum(lab.std(axis=0), 1e-3)
     mu_t, sd_t = np.asarray(target.lab_mean), np.asarray(target.lab_std)
-    out = np.empty_like(image)
-    for r0 in range(0, image.shape[0], _ROWS_PER_BLOCK):
-        block = image[r0:r0 + _ROWS_PER_BLOCK]
-        lab = _rgb2lab(block.reshape(-1, 3))
-        lab = (lab - mu_s) / sd_s * sd_t + mu_t  # standardise, then take on the target's statistics
-        out[r0:r0 + _ROWS_PER_BLOCK] = _lab2rgb(lab).reshape(block.shape)
-    return out
+
+    def apply(block: np.ndarray) -> np.ndarray:
+        lab = (_rgb2lab(block.reshape(-1, 3)) - mu_s) / sd_s * sd_t + mu_t  # standardise, take the target's
+        return _lab2rgb(lab).reshape(block.shape)
+
+    return apply
 
 
 def _rgb2lab(px: np.ndarray) -> np.ndarray:
@@ -242,11 +255,29 @@ def fit_target(method: str, pixels_or_images: np.ndarray | Sequence[np.ndarray])
 
 def normalize(image: np.ndarray, target: StainTarget, mask: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
     """Normalise ``image`` to ``target`` with the target's method (``none`` returns a copy)."""
+    return apply_mapping(image, stain_mapping(image, target, mask, seed))
+
+
+def stain_mapping(image: np.ndarray, target: StainTarget, mask: np.ndarray | None = None,
+                  seed: int = 0) -> Mapping | None:
+    """The function that normalises pixels of ``image`` to ``target``: estimated once on ``image`` (its ``mask``
+    pixels), then applied to any uint8 array ``(..., 3)`` of the same slide, e.g. tiles read later from its
+    full-resolution file. None when there is nothing to do (method ``none``, too few stained pixels)."""
     if target.method == "macenko":
-        return normalize_macenko(image, target, mask, seed=seed)
+        return _macenko_mapping(image, target, mask, ALPHA, BETA, seed)
     if target.method == "reinhard":
-        return normalize_reinhard(image, target, mask, seed=seed)
-    return image.copy()
+        return _reinhard_mapping(image, target, mask, seed)
+    return None
+
+
+def apply_mapping(image: np.ndarray, mapping: Mapping | None) -> np.ndarray:
+    """``mapping`` applied to ``image`` in row blocks (a copy of ``image`` when None)."""
+    if mapping is None:
+        return image.copy()
+    out = np.empty_like(image)
+    for r0 in range(0, image.shape[0], _ROWS_PER_BLOCK):
+        out[r0:r0 + _ROWS_PER_BLOCK] = mapping(image[r0:r0 + _ROWS_PER_BLOCK])
+    return out
 
 
 def tissue_patch_pixels(image: np.ndarray, mask: np.ndarray, patch_size: int, n_patches: int,

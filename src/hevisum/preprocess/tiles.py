@@ -36,6 +36,12 @@ class TileGeometry:
             return max(1, int(round(self.fov_um / float(um_per_px)))), True
         return tile_side(pitch, self.scale if self.scale > 0 else self.fallback_scale), False
 
+    def side_exact(self, pitch: float, um_per_px: float | None) -> float:
+        """The side of :meth:`side_px` before rounding (tiles read from a full-resolution file use it)."""
+        if self.fov_um > 0 and um_per_px:
+            return float(self.fov_um) / float(um_per_px)
+        return float(pitch) * (self.scale if self.scale > 0 else self.fallback_scale)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -45,9 +51,66 @@ def tile_side(pitch: float, scale: float) -> int:
     return max(1, int(round(scale * pitch)))
 
 
-def extract_tiles(image: np.ndarray, xy: np.ndarray, side: int, size: int) -> np.ndarray:
-    """Tiles ``(n, size, size, 3)`` uint8 of side ``side`` centred on each spot ``xy`` (x, y), edge-padded."""
+class SourceTiles:
+    """Tiles of a slide whose full-resolution file is read region by region (``Slide.meta['level0']``).
+
+    Spot positions and tile sides are given in the slide's working image (``x_work = x_level0 * sx``); each tile
+    is read from the file's best pyramid level for its output size (:meth:`hevisum.io.wsi.ImageSource.read_region`),
+    then stain-normalised with ``mapping`` (estimated on the working image) and its background (``mask``, the
+    working image's tissue mask, sampled at the tile's pixels) set to ``fill``. Parts beyond the image are
+    white. Only the tiles in flight are in memory. Use as a context manager (the file stays open inside).
+    """
+
+    def __init__(self, level0: dict, mapping=None, mask: np.ndarray | None = None,
+                 fill: tuple[int, int, int] = (255, 255, 255)) -> None:
+        self.level0 = level0
+        self.sx, self.sy = float(level0["sx"]), float(level0["sy"])
+        self.mapping, self.mask, self.fill = mapping, mask, np.asarray(fill, dtype=np.uint8)
+        self._src = None
+
+    def __enter__(self) -> "SourceTiles":
+        from hevisum.io.wsi import open_image
+
+        self._src = open_image(self.level0["path"], backend=self.level0.get("backend"))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
+
+    def tiles(self, xy: np.ndarray, side: float, size: int) -> np.ndarray:
+        """``(n, size, size, 3)`` uint8: squares of ``side`` working-image pixels centred on ``xy``."""
+        if self._src is None:
+            raise RuntimeError("SourceTiles is read inside its with-block")  # internal invariant
+        xy = np.asarray(xy, dtype=np.float64)
+        out = np.empty((len(xy), size, size, 3), dtype=np.uint8)
+        w0, h0 = float(side) / self.sx, float(side) / self.sy  # the square in level-0 pixels
+        frac = (np.arange(size) + 0.5) / size
+        corners = xy / np.array([self.sx, self.sy]) - np.array([w0, h0]) / 2
+        for i, (x0, y0) in enumerate(corners):
+            out[i] = self._src.read_region(x0, y0, w0, h0, out_size=size, pad=True)
+        if self.mapping is not None and len(out):
+            out = self.mapping(out)  # normalised as the working image was: the same stain estimate
+        if self.mask is not None:
+            mh, mw = self.mask.shape
+            for i, (x0, y0) in enumerate(corners):
+                cols = np.clip(np.floor((x0 + frac * w0) * self.sx).astype(np.int64), 0, mw - 1)
+                rows = np.clip(np.floor((y0 + frac * h0) * self.sy).astype(np.int64), 0, mh - 1)
+                out[i][~self.mask[rows[:, None], cols[None, :]]] = self.fill
+        return out
+
+
+def extract_tiles(image: np.ndarray | SourceTiles, xy: np.ndarray, side: float, size: int) -> np.ndarray:
+    """Tiles ``(n, size, size, 3)`` uint8 of side ``side`` centred on each spot ``xy`` (x, y), edge-padded.
+
+    ``image`` is an RGB array, or a :class:`SourceTiles` reading the tiles from the slide's full-resolution file.
+    """
     from PIL import Image
+
+    if isinstance(image, SourceTiles):
+        return image.tiles(xy, side, size)
+    side = int(side)
 
     xy = np.asarray(xy, dtype=np.float64)
     h, w = image.shape[:2]
