@@ -1,5 +1,6 @@
 """Benchmark whole-slide reading at 10k, 20k and 40k px: time and peak memory of open -> thumbnail -> tissue mask ->
-virtual grid -> every grid tile -> EfficientNet-Lite0 features, one fresh process per slide size.
+virtual grid -> every grid tile -> EfficientNet-Lite0 features, one fresh process per slide size; and of the
+training path: the slide as the full-resolution image of a Visium folder (--fullres), read and preprocessed.
 
     .venv/bin/python benchmarks/scale.py [--sizes 10000 20000 40000] [--max-tiles 2000] [--backend auto]
                                          [--keep DIR]
@@ -9,7 +10,10 @@ Builds H&E-like pyramidal TIFFs (JPEG tiles, 0.5 µm/px, height 3/4 of the width
 measured in its own subprocess, so its peak RSS (``ru_maxrss``) is that size's alone. Features are computed for an
 evenly spaced sample of at most ``--max-tiles`` grid tiles (the slow part on a small CPU); tile reading covers every
 grid spot. Feature throughput is then compared on the same sample: one process with 1 or 2 torch threads, and a
-pool of 2 processes with 1 thread each. Prints a table (ratios to the smallest size) and, last, one JSON line.
+pool of 2 processes with 1 thread each. The training path reads a generated Space Ranger folder (``--train-spots``
+virtual-grid spots with random proportions) with the slide as its full-resolution image and preprocesses it; at the
+smallest size it is also run with the whole image decoded into memory first, the baseline. Prints a table (ratios
+to the smallest size) and, last, one JSON line.
 """
 
 from __future__ import annotations
@@ -129,6 +133,75 @@ def measure(path: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- child: training slide
+
+
+def write_visium_folder(folder: Path, image: Path, args: argparse.Namespace) -> int:
+    """A Space Ranger-style folder whose spots are the virtual grid over the slide's tissue (at most
+    ``--train-spots``, evenly spread) with random cell-type proportions; the slide file is its full-resolution
+    image. Returns the number of spots."""
+    import numpy as np
+    import pandas as pd
+
+    from hevisum.grid import virtual_grid
+    from hevisum.io.wsi import open_image, tissue_thumbnail
+
+    with open_image(image) as src:
+        _, mask, scale = tissue_thumbnail(src, args.thumb)
+        grid = virtual_grid(mask, scale, args.pitch_um / src.um_per_px, image_size=(src.width, src.height))
+        um = src.um_per_px
+    keep = np.unique(np.linspace(0, len(grid) - 1, min(args.train_spots, len(grid))).round().astype(np.int64))
+    grid = grid.iloc[keep].reset_index(drop=True)
+    spatial = folder / "spatial"
+    spatial.mkdir(parents=True)
+    barcodes = [f"S{i:06d}-1" for i in range(len(grid))]
+    pd.DataFrame({"barcode": barcodes, "in_tissue": 1, "array_row": grid["array_row"], "array_col": grid["array_col"],
+                  "pxl_row_in_fullres": grid["y"].round(1), "pxl_col_in_fullres": grid["x"].round(1)}
+                 ).to_csv(spatial / "tissue_positions.csv", index=False)
+    (spatial / "scalefactors_json.json").write_text(json.dumps(
+        {"spot_diameter_fullres": 55.0 / um, "tissue_hires_scalef": 1.0, "tissue_lowres_scalef": 1.0}))
+    props = np.random.default_rng(args.seed).dirichlet(np.ones(8), size=len(grid))
+    pd.DataFrame(props, index=pd.Index(barcodes, name="barcode"),
+                 columns=[f"type{i}" for i in range(8)]).to_csv(folder / "proportions.tsv", sep="\t")
+    return len(grid)
+
+
+def measure_training(path: Path, args: argparse.Namespace) -> dict:
+    """Read a Visium folder with this slide as ``--fullres`` and preprocess it (masks, stain fit, realignment,
+    tiles): the training path. ``--in-memory``: the same with the whole image decoded into memory first (what
+    every reader did before slides were read lazily)."""
+    from dataclasses import replace
+
+    import hevisum.preprocess.pipeline  # noqa: F401  (import time is not the pipeline's)
+    from hevisum.config import RunConfig
+    from hevisum.io import read_inputs
+    from hevisum.preprocess.pipeline import preprocess
+
+    tmp = Path(tempfile.mkdtemp(prefix="hevisum-train-"))
+    try:
+        n = write_visium_folder(tmp / "sample", path, args)
+        out: dict = {"train_spots": n, "rss_imports_mb": _rss_mb()}
+        t0 = time.perf_counter()
+        (slide,) = read_inputs([tmp / "sample"], image=str(path), progress=False)
+        if args.in_memory:
+            import tifffile
+
+            lv = slide.meta.pop("level0")
+            spots = slide.spots.assign(x=slide.spots["x"] / lv["sx"], y=slide.spots["y"] / lv["sy"])
+            slide = replace(slide, image=tifffile.imread(path), spots=spots, um_per_px=slide.um_per_px * lv["sx"])
+        out["read_s"] = time.perf_counter() - t0
+        out["working_image"] = list(slide.image.shape[:2])
+        t0 = time.perf_counter()
+        prep = preprocess([slide], RunConfig().preprocess_config(), tmp / "prep", progress=False)
+        out["preprocess_s"] = time.perf_counter() - t0
+        out["timings"] = prep.timings
+        out["tiles"] = int(len(prep.tiles))
+        out["peak_rss_mb"] = _rss_mb()
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------- features: 1 vs 2 procs
 
 _MODEL = None
@@ -218,11 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thumb", type=int, default=2048, help="thumbnail side for the tissue mask, px")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 processes feature comparison")
+    ap.add_argument("--train-spots", type=int, default=3000,
+                    help="spots of the training-slide measurement (a Visium folder with the slide as --fullres)")
+    ap.add_argument("--no-train", action="store_true", help="skip the training-slide measurement")
     ap.add_argument("--keep", default="", help="build the slides in this folder, keep them and reuse them next time "
                                                "(default: a temporary folder, deleted)")
     ap.add_argument("--_build", nargs=3, metavar=("PATH", "WIDTH", "PATCHES"), help=argparse.SUPPRESS)
     ap.add_argument("--_measure", metavar="PATH", help=argparse.SUPPRESS)
     ap.add_argument("--_scaling", metavar="SAMPLE", help=argparse.SUPPRESS)
+    ap.add_argument("--_train", metavar="PATH", help=argparse.SUPPRESS)
+    ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--save-sample", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._build:
@@ -233,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args._scaling:
         print(json.dumps(feature_scaling(Path(args._scaling))))
+        return 0
+    if args._train:
+        print(json.dumps(measure_training(Path(args._train), args)))
         return 0
 
     images = sorted(DATA.glob("*.jpg"))
@@ -272,6 +353,14 @@ def main(argv: list[str] | None = None) -> int:
             m = _child(["--_measure", str(path), *common, *extra])
             print(f"measured {width} px: {m['spots']} spots, {m['total_s']:.0f} s, peak {m['peak_rss_mb']:.0f} MB",
                   file=sys.stderr)
+            if not args.no_train:
+                tr = ["--_train", str(path), *common, "--train-spots", str(args.train_spots)]
+                m["train"] = _child(tr)
+                print(f"training path {width} px: {m['train']['tiles']} tiles, "
+                      f"{m['train']['read_s'] + m['train']['preprocess_s']:.0f} s, peak {m['train']['peak_rss_mb']:.0f} MB",
+                      file=sys.stderr)
+                if i == 0:  # the baseline: the whole image decoded into memory, as readers did before
+                    m["train_in_memory"] = _child([*tr, "--in-memory"])
             rows.append({**b, **m})
             if keep is None:
                 path.unlink()
@@ -299,6 +388,14 @@ def main(argv: list[str] | None = None) -> int:
         ("peak RSS before features, MB", lambda r: r["rss_before_features_mb"], ".0f"),
         ("peak RSS with features, MB", lambda r: r["peak_rss_mb"], ".0f"),
     ]
+    if not args.no_train:
+        metrics += [
+            ("train: spots (Visium --fullres)", lambda r: r["train"]["train_spots"], ".0f"),
+            ("train: working image side, px", lambda r: max(r["train"]["working_image"]), ".0f"),
+            ("train: read, s", lambda r: r["train"]["read_s"], ".1f"),
+            ("train: preprocess, s", lambda r: r["train"]["preprocess_s"], ".1f"),
+            ("train: peak RSS, MB", lambda r: r["train"]["peak_rss_mb"], ".0f"),
+        ]
     label_w = max(len(m[0]) for m in metrics)
     dims = [f"{r['width']}x{r['height']}" for r in rows]
     head = " " * label_w + "".join(f"  {d:>20}" for d in dims)
@@ -314,6 +411,17 @@ def main(argv: list[str] | None = None) -> int:
           f"({'under' if worst['peak_rss_mb'] < 2048 else 'OVER'} 2 GB); growth from {base['width']} px: "
           f"{worst['peak_rss_mb'] - base['peak_rss_mb']:+.0f} MB for "
           f"{worst['width'] * worst['height'] / (base['width'] * base['height']):.0f}x the pixels")
+    if not args.no_train:
+        lazy, mem = base["train"], base.get("train_in_memory")
+        wt = max(rows, key=lambda r: r["width"])["train"]
+        print(f"claim: training slide read lazily, peak RSS at {worst['width']} px = {wt['peak_rss_mb']:.0f} MB "
+              f"({'under' if wt['peak_rss_mb'] < 2048 else 'OVER'} 2 GB)")
+        if mem:
+            print(f"baseline at {base['width']} px, the whole image decoded into memory first: peak RSS "
+                  f"{mem['peak_rss_mb']:.0f} MB vs {lazy['peak_rss_mb']:.0f} MB lazily "
+                  f"({mem['peak_rss_mb'] / lazy['peak_rss_mb']:.2f}x); read + preprocess "
+                  f"{mem['read_s'] + mem['preprocess_s']:.1f} s vs {lazy['read_s'] + lazy['preprocess_s']:.1f} s "
+                  f"({(mem['read_s'] + mem['preprocess_s']) / (lazy['read_s'] + lazy['preprocess_s']):.2f}x)")
     if scaling:
         print(f"features on {scaling['n']} tiles of {args.out_px} px, spots/s: 1 process x 1 thread "
               f"{scaling['1proc_1thr_per_s']:.1f}; 1 process x 2 threads {scaling['1proc_2thr_per_s']:.1f}; "

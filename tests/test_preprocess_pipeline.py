@@ -284,3 +284,34 @@ def test_real_her2st_one_tile_per_spot_on_tissue(shared_data, tmp_path):
     for s in slides:
         assert abs(qc[s.slide_id]["pitch_px"] - 59) < 2
         assert np.hypot(*qc[s.slide_id]["shift_px"]) < 0.3 * qc[s.slide_id]["pitch_px"]
+
+
+def test_a_pool_of_workers_writes_the_same_work_folder(small_slides, tmp_path):
+    """Per-slide steps in 2 forked processes: every file but timings.json is byte-identical to one process (tile
+    caches of an extra geometry included)."""
+    from hevisum.preprocess.tiles import TileGeometry
+
+    geo = [TileGeometry("wide", 24, scale=6.0)]
+    one = preprocess(small_slides, PreprocessConfig(), tmp_path / "one", progress=False, geometries=geo, workers=1)
+    two = preprocess(small_slides, PreprocessConfig(), tmp_path / "two", progress=False, geometries=geo, workers=2)
+    files = sorted(p.relative_to(one.workdir) for p in one.workdir.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two.workdir) for p in two.workdir.rglob("*") if p.is_file())
+    assert "tiles_wide.npy" in {str(f) for f in files}
+    for f in files:
+        if f.name not in ("timings.json", ".hevisum-run.json"):  # times; the marker says when
+            assert (one.workdir / f).read_bytes() == (two.workdir / f).read_bytes(), f
+    assert np.asarray(two.tiles).any()  # the workers' writes reached the files
+
+
+def test_a_workers_error_is_raised_in_the_caller(small_slides, tmp_path):
+    """A slide whose full-resolution file went missing after reading fails inside a worker (when its tiles are
+    read): the caller gets the same one line as with one process, and no work folder is left."""
+    gone = tmp_path / "gone.tif"
+    meta = dict(small_slides[1].meta, level0={"path": str(gone), "backend": "tifffile", "sx": 1.0, "sy": 1.0})
+    slides = [small_slides[0], dataclasses.replace(small_slides[1], meta=meta)]
+    with pytest.raises(HevisumError) as e1:
+        preprocess(slides, PreprocessConfig(), tmp_path / "w1", progress=False, workers=1)
+    with pytest.raises(HevisumError) as e2:
+        preprocess(slides, PreprocessConfig(), tmp_path / "w2", progress=False, workers=2)
+    assert str(gone) in str(e1.value) and str(e1.value) == str(e2.value)
+    assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()

@@ -36,12 +36,15 @@ class FeatureStore:
     cfg: object
     device: str = "cpu"
     progress: bool = False
+    workers: int | None = None  # processes for encoder features on a CPU (see pool_size); None = as asked
+    # (hevisum.workers.explicit), else this process only
     _encoder: object = None
     _digest: str | None = None
     _memo: dict = field(default_factory=dict)
 
     @classmethod
-    def for_prep(cls, prep, cfg, device: str = "cpu", progress: bool = False) -> "FeatureStore":
+    def for_prep(cls, prep, cfg, device: str = "cpu", progress: bool = False,
+                 workers: int | None = None) -> "FeatureStore":
         """The store of a preprocessed work folder: its spot tiles and extra tile caches; with ``features.tiles =
         "tissue"`` the encoder sees the tissue-scale cache instead of the spot tiles (when the slides had µm/px)."""
         tiles = {"spot": prep.tiles, **prep.extra_tiles}
@@ -49,7 +52,8 @@ class FeatureStore:
             tiles["spot"] = prep.extra_tiles["tissue"]
         elif cfg.features.tiles == "tissue":
             log.info("features.tiles = 'tissue' needs microns per pixel; the slides have none: using spot tiles")
-        return cls(workdir=prep.workdir, tiles=tiles, spots=prep.spots, cfg=cfg, device=device, progress=progress)
+        return cls(workdir=prep.workdir, tiles=tiles, spots=prep.spots, cfg=cfg, device=device, progress=progress,
+                   workers=workers)
 
     # ---------------------------------------------------------------- encoder
     def encoder(self):
@@ -109,7 +113,6 @@ class FeatureStore:
         return feats
 
     def _encode(self, tiles: np.ndarray, view: str) -> np.ndarray:
-        from hevisum.encoders import encode_tiles
         from hevisum.training import autocast_dtype
 
         enc = self.encoder()
@@ -127,14 +130,14 @@ class FeatureStore:
             counts = [b - a for a, b in distributed.all_gather_object((lo, hi))]
             tiles = tiles[lo:hi]
             distributed.fault_point("encode")
-        if not self.cfg.train.tta:
-            feats = encode_tiles(enc, tiles, **kw)
+        from hevisum import workers as procs
+
+        n = (procs.explicit() or 1) if self.workers is None else procs.resolve(self.workers)
+        pool = 1 if distributed.active() else pool_size(n, len(tiles), self.device, tiles)
+        if pool > 1:
+            feats = _encode_in_pool(self.cfg, tiles, kw, pool)
         else:
-            acc = None
-            for v in _dihedral_np_views():
-                f = encode_tiles(enc, _LazyView(tiles, v), **kw)
-                acc = f if acc is None else acc + f
-            feats = (acc / 8).astype(np.float32)
+            feats = _encode_rows(enc, tiles, kw, self.cfg.train.tta)
         if distributed.active():
             feats = distributed.all_gather_rows(feats, counts)
         return feats
@@ -167,6 +170,79 @@ class FeatureStore:
         if self.cfg.train.coords:
             X = np.concatenate([X, slide_scaled_coords(self.spots)], axis=1)
         return X.astype(np.float32, copy=False)
+
+
+def _encode_rows(enc, tiles, kw: dict, tta: bool) -> np.ndarray:
+    """Encoder features of ``tiles`` (the mean over the 8 dihedral views with ``tta``)."""
+    from hevisum.encoders import encode_tiles
+
+    if not tta:
+        return encode_tiles(enc, tiles, **kw)
+    acc = None
+    for v in _dihedral_np_views():
+        f = encode_tiles(enc, _LazyView(tiles, v), **kw)
+        acc = f if acc is None else acc + f
+    return (acc / 8).astype(np.float32)
+
+
+#: below this many tiles a pool costs more (starting processes, loading the encoder) than it saves
+POOL_MIN_TILES = 2048
+
+
+def pool_size(workers: int, n_tiles: int, device: str, tiles) -> int:
+    """Processes to encode ``n_tiles`` with: ``workers`` on a CPU for a tile cache on disk (a pool reads it by
+    path) of at least :data:`POOL_MIN_TILES` tiles; else 1 (this process)."""
+    if workers <= 1 or not str(device).startswith("cpu") or not getattr(tiles, "filename", None):
+        return 1
+    return int(min(workers, max(1, n_tiles // (POOL_MIN_TILES // 2)))) if n_tiles >= POOL_MIN_TILES else 1
+
+
+def _encode_in_pool(cfg, tiles, kw: dict, workers: int) -> np.ndarray:
+    """Encode contiguous shards of a memory-mapped tile cache in ``workers`` fresh processes, each with its share of
+    the CPU's threads, and put the rows back in order (each tile's features depend on that tile alone)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm.auto import tqdm
+
+    from hevisum.errors import HevisumError
+    from hevisum.workers import cpu_count
+
+    n = len(tiles)
+    blocks = -(-n // 32)  # shards cut on batch boundaries: every batch is the one a single process would run
+    bounds = [(min(n, blocks * r // workers * 32), min(n, blocks * (r + 1) // workers * 32)) for r in range(workers)]
+    job_kw = dict(kw, progress=False)
+    parts = []
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_pool_init,
+                                 initargs=(cfg, max(1, cpu_count() // workers))) as ex:
+            futures = [ex.submit(_pool_encode, str(tiles.filename), lo, hi, job_kw, bool(cfg.train.tta))
+                       for lo, hi in bounds]
+            with tqdm(total=n, desc=f"{cfg.encoder.name} features ({workers} processes)", unit="tile",
+                      disable=not kw.get("progress")) as bar:
+                for f, (lo, hi) in zip(futures, bounds):
+                    parts.append(f.result())
+                    bar.update(hi - lo)
+    except BrokenProcessPool:
+        raise HevisumError(f"a feature worker process died (out of memory?) while encoding {n} tiles in {workers} "
+                           "processes; run again with --workers 1") from None
+    return np.concatenate(parts)
+
+
+_POOL_ENCODER: list = []
+
+
+def _pool_init(cfg, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _POOL_ENCODER[:] = [load_configured_encoder(cfg, "cpu")[0]]
+
+
+def _pool_encode(path: str, lo: int, hi: int, kw: dict, tta: bool) -> np.ndarray:
+    tiles = np.load(path, mmap_mode="r")
+    return _encode_rows(_POOL_ENCODER[0], tiles[lo:hi], kw, tta)
 
 
 _LOADED: dict = {}

@@ -46,7 +46,7 @@ from hevisum.names import safe_name
 from hevisum.preprocess.spots import MIN_MARGIN, Realignment, invalid_spots, realign, spot_pitch
 from hevisum.preprocess.stain import StainTarget, apply_mapping, fit_target, stain_mapping, tissue_patch_pixels
 from hevisum.preprocess.targets import rank_targets
-from hevisum.preprocess.tiles import SourceTiles, TileGeometry, tile_side, write_tiles
+from hevisum.preprocess.tiles import SourceTiles, TileGeometry, fill_tiles, tile_side
 from hevisum.preprocess.tissue import mask_background, tissue_mask, tissue_masks, working_factor
 from hevisum.slide import Slide, check_same_targets, check_unique_ids
 
@@ -106,17 +106,18 @@ class Prepared:
 def preprocess(slides: Sequence[Slide], cfg: PreprocessConfig, workdir: Path, progress: bool = True,
                stain_target: StainTarget | None = None, keep_all_spots: bool = False,
                geometries: Sequence[TileGeometry] = (), force: bool = False,
-               protect: Sequence[str | Path | None] = ()) -> Prepared:
+               protect: Sequence[str | Path | None] = (), workers: int | None = None) -> Prepared:
     """Run the preprocessing pipeline on ``slides`` and write ``workdir`` (see the module doc).
 
     stain_target: use this target instead of fitting one (prediction with a saved run).
     keep_all_spots: keep every spot, also training spots without tissue (prediction).
     geometries: further tile caches (``tiles_<name>.npy``) cut in the same pass, e.g. an encoder's own field of
     view at its microns per pixel, or a wider context; ``geometry.json`` records each slide's side in pixels.
+    workers: processes for the per-slide steps (masks, realignment, normalisation, tiles); None = the process-wide
+    setting (:mod:`hevisum.workers`), 0 = one per CPU (at most 4). The work folder is the same bytes whatever the
+    number.
     A failure leaves no work folder behind (and an existing one untouched).
     """
-    from tqdm.auto import tqdm
-
     slides = list(slides)
     workdir = Path(workdir)
     # ---- check everything that can be checked before any work or writing
@@ -125,73 +126,49 @@ def preprocess(slides: Sequence[Slide], cfg: PreprocessConfig, workdir: Path, pr
     pitches = {s.slide_id: _pitch(s, cfg) for s in slides}
     timings = {k: 0.0 for k in STEPS}
 
-    # ---- 1. tissue masks: the main one, and a sharp-edged one for realignment (sharing the tissue score)
+    from hevisum import workers as procs
+
+    n_workers = max(1, min(procs.workers() if workers is None else procs.resolve(workers), len(slides)))
+    shared = {"slides": slides, "cfg": cfg, "pitches": pitches, "keep_all": keep_all_spots}
+
+    # ---- 1, 3-4. per slide: tissue masks (the main one, and a sharp-edged one for realignment, sharing the
+    # tissue score), realignment and invalid spots
     t0 = time.perf_counter()
     masks: dict[str, np.ndarray] = {}
-    sharp: dict[str, np.ndarray] = {}
-    for s in tqdm(slides, desc="tissue masks", unit="slide", disable=not progress):
-        sigmas = [cfg.tissue.blur_sigma]
-        if cfg.realign.enabled and s.slide_id not in cfg.realign.manual:
-            sigmas.append(_realign_sigma(s.image.shape, pitches[s.slide_id], cfg))
-        got = tissue_masks(s.image, sigmas, cfg.tissue.background, cfg.tissue.max_side)
-        masks[s.slide_id] = got[0]
-        if len(got) > 1:
-            sharp[s.slide_id] = got[1]
-    timings["normalise_mask"] += time.perf_counter() - t0
+    plans = []
+    secs: dict[str, float] = {}
+    for s, (mask, plan, took) in zip(slides, map_slides(_mask_and_plan, range(len(slides)), shared, n_workers,
+                                                         progress and "tissue masks, realign")):
+        masks[s.slide_id] = mask
+        plans.append(plan)
+        _add(secs, took)
+    _share_wall(timings, time.perf_counter() - t0, secs)
+    n_tiles = sum(int(p["keep"].sum()) for p in plans)
 
     # ---- 2. stain target: fitted on tissue patches of the training slides (or the reference slide) only
     t0 = time.perf_counter()
     target = stain_target if stain_target is not None else _fit_stain(slides, masks, cfg)
     timings["stain_fit"] += time.perf_counter() - t0
 
-    # ---- 3-4. realignment and invalid spots
-    t0 = time.perf_counter()
-    plans = []
-    for s in tqdm(slides, desc="realign", unit="slide", disable=not progress):
-        plans.append(_plan_slide(s, masks[s.slide_id], sharp.get(s.slide_id), pitches[s.slide_id], cfg,
-                                 keep_all_spots))
-    timings["realign"] += time.perf_counter() - t0
-    del sharp  # only realignment needed the sharp masks
-    n_tiles = sum(int(p["keep"].sum()) for p in plans)
-
     with atomic_dir(workdir, force=force, protect=protect, kind="prep") as tmp:
-        # ---- 5. normalise each slide when its tiles are due, so only one normalised image is held at a time
-        thumbs: dict[str, np.ndarray] = {}
-
-        def jobs():
-            for s, plan in zip(slides, plans):
-                t1 = time.perf_counter()
-                mask = masks[s.slide_id]
-                mapping = stain_mapping(s.image, target, mask, seed=cfg.stain.seed)
-                image = apply_mapping(s.image, mapping)
-                if cfg.tissue.mask_background:
-                    image = mask_background(image, mask, cfg.tissue.fill)
-                thumbs[s.slide_id] = qc_plots.thumbnail(image, qc_plots.thumb_step(image.shape, 500)).copy()
-                timings["normalise_mask"] += time.perf_counter() - t1
-                sides = [g.side_px(plan["pitch"], s.um_per_px) for g in geometries]
-                geom_qc[s.slide_id] = {g.name: {"side_px": sd, "physical": phys} for g, (sd, phys) in
-                                       zip(geometries, sides)}
-                xy = plan["xy"][plan["keep"]]
-                level0 = s.meta.get("level0")
-                if not isinstance(level0, dict):
-                    yield image, xy, plan["tile_px"], [sd for sd, _ in sides]
-                    continue
-                # a file read region by region: every tile from its full-resolution pixels, at exact sides
-                del image
-                fill = {"white": (255, 255, 255), "black": (0, 0, 0)}[cfg.tissue.fill]
-                with SourceTiles(level0, mapping, mask if cfg.tissue.mask_background else None, fill) as src:
-                    yield src, xy, cfg.tiles.scale * plan["pitch"], [g.side_exact(plan["pitch"], s.um_per_px)
-                                                                     for g in geometries]
-
+        # ---- 5. per slide: normalise, then its tiles into its rows of every tile cache (files made here, filled
+        # by whichever process does the slide: the same bytes in any order)
         t0 = time.perf_counter()
-        norm_before = timings["normalise_mask"]
+        caches = [(tmp / "tiles.npy", cfg.tiles.size)] + [(tmp / f"tiles_{g.name}.npy", g.size) for g in geometries]
+        for path, size in caches:
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_tiles, size, size, 3)).flush()
+        rows = np.concatenate([[0], np.cumsum([int(p["keep"].sum()) for p in plans])]).tolist()
+        shared.update(masks=masks, plans=plans, target=target, geometries=list(geometries), caches=caches, rows=rows)
+        thumbs: dict[str, np.ndarray] = {}
         geom_qc: dict = {}
-        tiles = write_tiles(tmp / "tiles.npy", jobs(), n_tiles, cfg.tiles.size, progress=progress,
-                            extra=[(tmp / f"tiles_{g.name}.npy", g.size) for g in geometries])
+        secs = {}
+        for s, (thumb, gq, took) in zip(slides, map_slides(_normalise_and_tile, range(len(slides)), shared,
+                                                            n_workers, progress and "tiles")):
+            thumbs[s.slide_id], geom_qc[s.slide_id] = thumb, gq
+            _add(secs, took)
+        _share_wall(timings, time.perf_counter() - t0, secs)
         (tmp / "geometry.json").write_text(json.dumps(
             {"geometries": [g.as_dict() for g in geometries], "slides": geom_qc}, indent=1))
-        del tiles  # reopened from the final folder below
-        timings["tiling"] += time.perf_counter() - t0 - (timings["normalise_mask"] - norm_before)
 
         # ---- 6. tables, targets, ranks, QC
         t0 = time.perf_counter()
@@ -214,6 +191,116 @@ def preprocess(slides: Sequence[Slide], cfg: PreprocessConfig, workdir: Path, pr
     prepared = load_prepared(workdir)
     prepared.timings = timings
     return prepared
+
+
+# ----------------------------------------------------------------------------------------------- per slide, in a pool
+
+
+_SHARED: dict = {}  # what the per-slide functions read: set before the pool forks, inherited, never pickled
+
+
+def map_slides(fn, items, shared: dict, workers: int, progress: str | bool = False) -> list:
+    """``[fn(shared, i) for i in items]``, in order; with ``workers`` > 1 in a pool of forked processes.
+
+    Forked workers inherit ``shared`` (slides, masks, config) without copying or pickling it; only ``fn``'s results
+    travel back. Each slide's work depends on that slide alone (its own random streams), so the results and the
+    tiles written are the same bytes whatever the number of workers. A worker's exception is raised here.
+    """
+    import multiprocessing as mp
+
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    bar = tqdm(total=len(items), desc=progress or "", unit="slide", disable=not progress)
+    try:
+        if workers <= 1 or len(items) <= 1 or "fork" not in mp.get_all_start_methods():
+            out = []
+            for i in items:
+                out.append(fn(shared, i))
+                bar.update(1)
+            return out
+        from concurrent.futures import ProcessPoolExecutor
+
+        _SHARED.clear()
+        _SHARED.update(shared)
+        try:
+            # an error cancels the slides not started and waits for the running ones to finish (no worker is killed
+            # holding a queue lock, which can hang a multiprocessing.Pool's terminate)
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+                futures = [ex.submit(_in_worker, fn, i) for i in items]
+                out = []
+                try:
+                    for f in futures:
+                        out.append(f.result())
+                        bar.update(1)
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+                return out
+        finally:
+            _SHARED.clear()
+    finally:
+        bar.close()
+
+
+def _in_worker(fn, i):
+    return fn(_SHARED, i)
+
+
+def _add(total: dict, part: dict) -> None:
+    for k, v in part.items():
+        total[k] = total.get(k, 0.0) + v
+
+
+def _share_wall(timings: dict, wall: float, secs: dict) -> None:
+    """Add a stage's wall time to its steps in proportion to the seconds its slides spent in each."""
+    busy = sum(secs.values())
+    for k, v in secs.items():
+        timings[k] += wall * (v / busy if busy > 0 else 1.0 / len(secs))
+
+
+def _mask_and_plan(shared: dict, i: int) -> tuple[np.ndarray, dict, dict]:
+    """Slide ``i``: tissue mask (+ the sharp one realignment uses) and its plan (shift, validity, kept spots)."""
+    s, cfg = shared["slides"][i], shared["cfg"]
+    pitch = shared["pitches"][s.slide_id]
+    t0 = time.perf_counter()
+    sigmas = [cfg.tissue.blur_sigma]
+    if cfg.realign.enabled and s.slide_id not in cfg.realign.manual:
+        sigmas.append(_realign_sigma(s.image.shape, pitch, cfg))
+    got = tissue_masks(s.image, sigmas, cfg.tissue.background, cfg.tissue.max_side)
+    t1 = time.perf_counter()
+    plan = _plan_slide(s, got[0], got[1] if len(got) > 1 else None, pitch, cfg, shared["keep_all"])
+    return got[0], plan, {"normalise_mask": t1 - t0, "realign": time.perf_counter() - t1}
+
+
+def _normalise_and_tile(shared: dict, i: int) -> tuple[np.ndarray, dict, dict]:
+    """Slide ``i``: stain-normalise, fill the background, write its tiles into its rows of every cache file.
+    Returns (QC thumbnail of the normalised image, geometry QC, seconds per step)."""
+    s, cfg, plan = shared["slides"][i], shared["cfg"], shared["plans"][i]
+    mask, geometries = shared["masks"][s.slide_id], shared["geometries"]
+    t0 = time.perf_counter()
+    mapping = stain_mapping(s.image, shared["target"], mask, seed=cfg.stain.seed)
+    image = apply_mapping(s.image, mapping)
+    if cfg.tissue.mask_background:
+        image = mask_background(image, mask, cfg.tissue.fill)
+    thumb = qc_plots.thumbnail(image, qc_plots.thumb_step(image.shape, 500)).copy()
+    t1 = time.perf_counter()
+    sides = [g.side_px(plan["pitch"], s.um_per_px) for g in geometries]
+    geom_qc = {g.name: {"side_px": sd, "physical": phys} for g, (sd, phys) in zip(geometries, sides)}
+    xy = plan["xy"][plan["keep"]]
+    row0 = shared["rows"][i]
+    level0 = s.meta.get("level0")
+    if not isinstance(level0, dict):
+        fill_tiles(shared["caches"], row0, image, xy, [plan["tile_px"]] + [sd for sd, _ in sides])
+    else:
+        # a file read region by region: every tile from its full-resolution pixels, at exact sides
+        del image
+        fill = {"white": (255, 255, 255), "black": (0, 0, 0)}[cfg.tissue.fill]
+        with SourceTiles(level0, mapping, mask if cfg.tissue.mask_background else None, fill) as src:
+            fill_tiles(shared["caches"], row0, src, xy, [cfg.tiles.scale * plan["pitch"]]
+                       + [g.side_exact(plan["pitch"], s.um_per_px) for g in geometries])
+    return thumb, geom_qc, {"normalise_mask": t1 - t0, "tiling": time.perf_counter() - t1}
 
 
 def load_prepared(workdir: str | Path) -> Prepared:

@@ -141,27 +141,38 @@ def write_tiles(path: Path, jobs: Iterable[tuple], n_tiles: int, size: int, prog
     """
     from tqdm.auto import tqdm
 
-    extra = list(extra or [])
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_tiles, size, size, 3))
-    more = [np.lib.format.open_memmap(p, mode="w+", dtype=np.uint8, shape=(n_tiles, sz, sz, 3)) for p, sz in extra]
+    caches = [(Path(path), size)] + [(Path(p), sz) for p, sz in (extra or [])]
+    for p, sz in caches:
+        np.lib.format.open_memmap(p, mode="w+", dtype=np.uint8, shape=(n_tiles, sz, sz, 3)).flush()
     row = 0
     with tqdm(total=n_tiles, desc="tiles", unit="tile", disable=not progress) as bar:
         for job in jobs:
             image, xy, side = job[:3]
-            sides = job[3] if len(job) > 3 else []
-            for s0 in range(0, len(xy), chunk):
-                batch = extract_tiles(image, xy[s0:s0 + chunk], side, size)
-                arr[row:row + len(batch)] = batch
-                for m, (_, sz), sd in zip(more, extra, sides):
-                    m[row:row + len(batch)] = extract_tiles(image, xy[s0:s0 + chunk], sd, sz)
-                row += len(batch)
-                bar.update(len(batch))
+            sides = list(job[3]) if len(job) > 3 else []
+            if row + len(xy) > n_tiles:
+                raise RuntimeError(f"the jobs hold more than the {n_tiles} tiles of the array")  # internal invariant
+            fill_tiles(caches[:1 + len(sides)], row, image, xy, [side] + sides, chunk=chunk)
+            row += len(xy)
+            bar.update(len(xy))
     if row != n_tiles:
         raise RuntimeError(f"wrote {row} tiles but the array holds {n_tiles}")  # internal invariant
-    for a in (arr, *more):
-        a.flush()
-    del arr, more
     return np.load(path, mmap_mode="r")
+
+
+def fill_tiles(caches: list[tuple[Path, int]], row0: int, image: np.ndarray | SourceTiles, xy: np.ndarray,
+               sides: list[float], chunk: int = 256) -> None:
+    """Write one slide's tiles into rows ``row0 ..`` of every cache file ``(path, size)`` (made beforehand, e.g. by
+    ``np.lib.format.open_memmap``), one side per cache; only one batch of tiles is in memory at a time."""
+    arrays = [np.load(path, mmap_mode="r+") for path, _ in caches]
+    try:
+        for s0 in range(0, len(xy), chunk):
+            for arr, (_, size), side in zip(arrays, caches, sides):
+                batch = extract_tiles(image, xy[s0:s0 + chunk], side, size)
+                arr[row0 + s0:row0 + s0 + len(batch)] = batch
+        for arr in arrays:
+            arr.flush()
+    finally:
+        del arrays
 
 
 def subtiles(tile_batch: np.ndarray) -> np.ndarray:
