@@ -31,7 +31,8 @@ import scipy.sparse as sp
 
 from hevisum.errors import HevisumError
 from hevisum.io.atomic import atomic_path
-from hevisum.io.images import read_slide_image, to_rgb_uint8
+from hevisum.io.images import to_rgb_uint8
+from hevisum.io.wsi import read_slide_image
 from hevisum.io.tables import (
     GeneCounts,
     LoadedSlide,

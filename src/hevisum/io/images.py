@@ -161,31 +161,6 @@ def read_image_scaled(path: str | Path, max_side: int | None = None) -> tuple[np
     return arr, (target[0] / w, target[1] / h)
 
 
-def read_slide_image(path: str | Path, max_side: int | None = None, xy: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, tuple[float, float], dict | None]:
-    """A slide's image for the readers: ``(image, (sx, sy), level0)``.
-
-    Tiled or pyramidal files (TIFF, SVS, NDPI, ...) larger than a working image are not decoded whole: the image
-    returned is a working copy (:func:`hevisum.io.wsi.working_side`: 2048-4096 px, the spot pitch ``xy``, the
-    spots in the file's pixels, shows about 24 px) and ``level0`` tells where the full-resolution pixels are
-    (tiles are read from there on demand, see :class:`hevisum.preprocess.tiles.SourceTiles`). Anything else is
-    read as :func:`read_image_scaled` does, with ``level0 = None``.
-    """
-    from hevisum.io import wsi
-
-    if wsi.wants_lazy(path) and Path(path).is_file():
-        try:
-            with wsi.open_image(path) as src:
-                limit = wsi.working_side(src.width, src.height, xy)
-                big = max(src.width, src.height) > (limit if max_side is None else min(max_side, limit))
-        except HevisumError:
-            big = False  # not readable region by region: read_image_scaled says what is wrong, or reads it whole
-        if big:
-            return wsi.working_image(path, max_side, xy)
-    image, scale = read_image_scaled(path, max_side)
-    return image, scale, None
-
-
 def _pil_to_array(im, p: Path) -> np.ndarray:
     mode = im.mode
     if mode in ("RGB", "L", "RGBA", "LA", "I;16", "I;16B", "I;16L", "I", "1"):

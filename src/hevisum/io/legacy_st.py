@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 from hevisum.errors import HevisumError
-from hevisum.io.images import IMAGE_SUFFIXES, find_image, read_slide_image
+from hevisum.io.images import IMAGE_SUFFIXES, find_image
+from hevisum.io.wsi import read_slide_image
 from hevisum.io.tables import (
     GeneCounts,
     LoadedSlide,

@@ -29,7 +29,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from hevisum.errors import HevisumError
-from hevisum.io.images import IMAGE_SUFFIXES, read_slide_image
+from hevisum.io.images import IMAGE_SUFFIXES
+from hevisum.io.wsi import read_slide_image
 from hevisum.io.tables import (
     GeneCounts,
     LoadedSlide,

@@ -1,7 +1,8 @@
 """Whole-slide images read region by region: pyramids, tiles on demand, thumbnails and generated test slides.
 
-Every other reader loads the whole RGB image; this module never does for pyramidal or tiled files, so slide size
-is bounded by disk, not RAM.
+This module never loads the whole image of a pyramidal or tiled file, so slide size is bounded by disk, not RAM.
+The readers of slides with spots use it too (:func:`read_slide_image`): such a file becomes a working image for
+masks and realignment, and the tiles are read from the file (``Slide.meta['level0']``).
 
 Sources (:func:`open_image` picks one from the file; ``backend=`` forces it)
 ---------------------------------------------------------------------------
@@ -51,6 +52,7 @@ __all__ = [
     "he_patches",
     "open_image",
     "openslide_available",
+    "read_slide_image",
     "read_tiles",
     "tissue_thumbnail",
     "working_image",
@@ -803,6 +805,31 @@ def working_image(path: str | Path, max_side: int | None = None, xy_level0: np.n
         level0 = {"path": str(Path(path).resolve()), "backend": src.backend, "width": src.width,
                   "height": src.height, "sx": sx, "sy": sy, "um_per_px": src.um_per_px}
     return img, (sx, sy), level0
+
+
+def read_slide_image(path: str | Path, max_side: int | None = None, xy: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, tuple[float, float], dict | None]:
+    """A slide's image for the readers: ``(image, (sx, sy), level0)``.
+
+    Tiled or pyramidal files (TIFF, SVS, NDPI, ...) larger than a working image are not decoded whole: the image
+    returned is a working copy (:func:`working_side`: 2048-4096 px, the spot pitch ``xy``, the
+    spots in the file's pixels, shows about 24 px) and ``level0`` tells where the full-resolution pixels are
+    (tiles are read from there on demand, see :class:`hevisum.preprocess.tiles.SourceTiles`). Anything else is
+    read as :func:`read_image_scaled` does, with ``level0 = None``.
+    """
+    from hevisum.io.images import read_image_scaled
+
+    if wants_lazy(path) and Path(path).is_file():
+        try:
+            with open_image(path) as src:
+                limit = working_side(src.width, src.height, xy)
+                big = max(src.width, src.height) > (limit if max_side is None else min(max_side, limit))
+        except HevisumError:
+            big = False  # not readable region by region: read_image_scaled says what is wrong, or reads it whole
+        if big:
+            return working_image(path, max_side, xy)
+    image, scale = read_image_scaled(path, max_side)
+    return image, scale, None
 
 
 # =============================================================================================== tissue
