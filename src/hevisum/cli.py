@@ -51,7 +51,8 @@ def _add_reader_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="IMAGE",
         help="Visium: the full-resolution image Space Ranger was run on (TIFF/JPEG); coordinates stay in its frame "
-        "(pxl_row/col_in_fullres), microns per pixel from the 55 um spot diameter",
+        "(pxl_row/col_in_fullres), microns per pixel from the 55 um spot diameter. A tiled or pyramidal TIFF is "
+        "never decoded whole: a working image serves masks and realignment, tiles are read from the file",
     )
     g.add_argument(
         "--test",
@@ -92,6 +93,14 @@ def _read_gene_list(path: str) -> list[str]:
         dup = next(g for g in out if out.count(g) > 1)
         raise HevisumError(f"--genes {path!r} lists gene {dup!r} twice")
     return out
+
+
+def _add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes for the CPU work: per-slide preprocessing (default: one per CPU, at most 4) and, "
+                   "when given, encoder features (N processes, each with its share of the threads); 1 = this "
+                   "process only. Results do not depend on it (bfloat16 features: within rounding). Also "
+                   "HEVISUM_WORKERS")
 
 
 def _add_force(p: argparse.ArgumentParser, what: str) -> None:
@@ -195,6 +204,7 @@ def _run_overrides(args: argparse.Namespace) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     from hevisum import distributed
 
+    distributed.set_fold_mode(getattr(args, "dist_folds", None))
     if getattr(args, "nproc", 1) > 1 and distributed.env_world() <= 1:  # start torchrun, which runs us N times
         return distributed.launch(args.nproc, distributed.strip_nproc(getattr(args, "argv", None) or sys.argv[1:]))
     if distributed.env_world() > 1:  # one rank of torchrun: failures agreed, one error line from rank 0
@@ -337,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--config", default=None, metavar="FILE", help="TOML config (see docs/config.md)")
     pp.add_argument("--tile-size", type=int, default=None, help="model input side in px (default 78)")
     pp.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_workers(pp)
     _add_force(pp, "an existing WORKDIR")
     _add_reader_options(pp)
     pp.set_defaults(func=cmd_preprocess)
@@ -378,9 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spatial context for the encoder heads: ring1, ring2 (neighbour means), slide (slide "
                    "mean), wide (a wider field of view); empty string for none")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_workers(r)
     _add_reader_options(r)
     r.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="run N processes on this machine (started with torchrun; see docs/distributed.md)")
+    r.add_argument("--dist-folds", default=None, choices=["auto", "spread", "ddp"],
+                   help="with several processes: spread (each process fits whole CV folds alone, the results of "
+                   "one process), ddp (every process in every fold; DistributedDataParallel for tile models) or "
+                   "auto (default: spread when there are at least as many folds as processes)")
     r.set_defaults(func=cmd_run)
 
     pr = sub.add_parser("predict", help="predict new slides with a finished run folder",
@@ -394,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, metavar="DIR")
     pr.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_workers(pr)
     _add_force(pr, "an existing DIR")
     w = pr.add_argument_group("slide images without spots")
     w.add_argument("--grid-um", type=float, default=None, metavar="PITCH",
@@ -481,7 +498,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return run_command(lambda: args.func(args))
+
+    def command() -> int:
+        from hevisum import workers
+
+        workers.set_workers(getattr(args, "workers", None))
+        return args.func(args)
+
+    return run_command(command)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -8,6 +8,7 @@ computed on predictions a model made for spots it trained on.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -121,48 +122,109 @@ def cross_validate_method(name: str, folds: Folds, Y_fit: np.ndarray, cfg: RunCo
     out-of-fold rows) and every test spot. With ``fold_dir(held) -> folder`` every fold model is saved as soon as
     it is fitted, with a digest of what it was fitted on (config, rows, targets, features); with ``resume`` a
     saved fold model whose digest matches is loaded instead of fitted again.
+
+    Under torchrun, when :func:`hevisum.distributed.spread_folds` says so, the folds are spread over the ranks
+    (:func:`hevisum.distributed.assign_folds`, weighted by training rows): each rank fits its folds alone, exactly
+    as one process would (same per-fold seed, no DDP), then the predictions are gathered on every rank and the
+    fitted models on rank 0, which saves every fold model. ``models`` then holds, on a rank other than 0, None for
+    the folds fitted elsewhere.
     """
+    from hevisum import distributed
+
+    T = Y_fit.shape[1]
+    oof = np.full((len(folds.train_rows), T), np.nan, dtype=np.float32)
+    ids = folds.slide_ids
+    spread = distributed.spread_folds(len(ids))
+    owner = (distributed.assign_folds([int(np.sum(folds.slides != h)) for h in ids], distributed.world())
+             if spread else [distributed.rank()] * len(ids))
+    me = distributed.rank()
+    test_folds: list = [None] * len(ids)
+    models: list = [None] * len(ids)
+    mine = []  # spread: what this rank sends (fold index, OOF, test predictions, model state for rank 0)
+    for k, held in enumerate(ids):
+        if owner[k] != me:
+            continue
+        if spread:
+            distributed.fault_point("fold")  # outside local(): rank() is the real rank here
+        with distributed.local() if spread else contextlib.nullcontext():
+            m, held_pred, test_pred = _fold(name, k, held, folds, Y_fit, cfg, ctx, features, fold_dir, target_names,
+                                            resume, on_reuse, save=not spread or me == 0)
+        oof[folds.split(held)[1]], test_folds[k], models[k] = held_pred, test_pred, m
+        if spread:
+            state = None if me == 0 else (dict(m.params), dict(m.tensors), m.log)
+            mine.append((k, held_pred, test_pred, state))
+    if spread:
+        for got in distributed.all_gather_object(mine):
+            for k, held_pred, test_pred, state in got:
+                if owner[k] == me:
+                    continue
+                oof[folds.split(ids[k])[1]], test_folds[k] = held_pred, test_pred
+                if me == 0:  # rank 0 writes the fold models the other ranks fitted, as one process would
+                    models[k] = _restored(name, cfg, state)
+                    if fold_dir is not None:
+                        _save_fold(models[k], fold_dir(ids[k]), folds, ids[k], target_names,
+                                   _fold_digest(name, cfg, *_fold_data(folds, ids[k], k, Y_fit, features, ctx)))
+    return MethodCV(name=name, oof=oof, test_folds=test_folds if len(folds.test_rows) else [], models=models)
+
+
+def _fold_data(folds: Folds, held: str, k: int, Y_fit: np.ndarray, features: np.ndarray | None,
+               ctx: FitContext) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """What fold ``k`` (holding out ``held``) is fitted on: its training rows, their targets and features, seed."""
+    fit_rows = folds.train_rows[folds.split(held)[0]]
+    return fit_rows, Y_fit[fit_rows], None if features is None else features[fit_rows], ctx.seed + 1000 * k
+
+
+def _fold(name: str, k: int, held: str, folds: Folds, Y_fit: np.ndarray, cfg: RunConfig, ctx: FitContext,
+          features: np.ndarray | None, fold_dir, target_names: list[str] | None, resume: bool, on_reuse,
+          save: bool = True) -> tuple[Method, np.ndarray, np.ndarray | None]:
+    """Fit (or, with ``resume``, reload) fold ``k``'s model; its predictions of the held-out and the test rows.
+    ``save``: write the model to ``fold_dir(held)`` (and keep a per-epoch checkpoint beside it while training)."""
     from hevisum.methods import load_model
 
-    cls = get_method(name)
-    T = Y_fit.shape[1]
-    names = list(target_names or [])
-    oof = np.full((len(folds.train_rows), T), np.nan, dtype=np.float32)
-    test_folds: list[np.ndarray] = []
-    models = []
-    for k, held in enumerate(folds.slide_ids):
-        fit_mask, held_mask = folds.split(held)
-        fit_rows, held_rows = folds.train_rows[fit_mask], folds.train_rows[held_mask]
-        fctx = replace(ctx, seed=ctx.seed + 1000 * k, desc=f"{name} fold {held}")
-        X_fit = None if features is None else features[fit_rows]
-        folder = fold_dir(held) if fold_dir is not None else None
-        digest = _fold_digest(name, cfg, fit_rows, Y_fit[fit_rows], X_fit, fctx.seed)
-        m = None
-        if resume and folder is not None and (folder / "model.json").is_file():
-            try:
-                loaded = load_model(folder)
-                if loaded.meta.get("digest") == digest:
-                    m = loaded.method
-                    if on_reuse is not None:
-                        on_reuse(held)
-            except HevisumError:
-                m = None
-        if m is None:
-            if folder is not None:
-                # a network's per-epoch state, named by what it is fitted on: a resumed run continues it
-                fctx = replace(fctx, checkpoint=folder.parent / f".{folder.name}.{digest[:16]}.ckpt")
-            m = cls(cfg).fit(X_fit, Y_fit[fit_rows], rows=fit_rows, groups=folds.slides[fit_mask], ctx=fctx)
-            if folder is not None:
-                m.save(folder, train_slides=sorted(set(folds.slides[fit_mask].tolist())), target_names=names,
-                       digest=digest)
-                for stale in folder.parent.glob(f".{folder.name}.*.ckpt"):
-                    stale.unlink()
-        oof[held_mask] = m.predict(None if features is None else features[held_rows], rows=held_rows, ctx=fctx)
-        if len(folds.test_rows):
-            test_folds.append(m.predict(None if features is None else features[folds.test_rows],
-                                        rows=folds.test_rows, ctx=fctx))
-        models.append(m)
-    return MethodCV(name=name, oof=oof, test_folds=test_folds, models=models)
+    fit_mask, held_mask = folds.split(held)
+    fit_rows, Y_rows, X_fit, seed = _fold_data(folds, held, k, Y_fit, features, ctx)
+    held_rows = folds.train_rows[held_mask]
+    fctx = replace(ctx, seed=seed, desc=f"{name} fold {held}")
+    folder = fold_dir(held) if fold_dir is not None and save else None
+    digest = _fold_digest(name, cfg, fit_rows, Y_rows, X_fit, seed)
+    m = None
+    if resume and folder is not None and (folder / "model.json").is_file():
+        try:
+            loaded = load_model(folder)
+            if loaded.meta.get("digest") == digest:
+                m = loaded.method
+                if on_reuse is not None:
+                    on_reuse(held)
+        except HevisumError:
+            m = None
+    if m is None:
+        if folder is not None:
+            # a network's per-epoch state, named by what it is fitted on: a resumed run continues it
+            fctx = replace(fctx, checkpoint=folder.parent / f".{folder.name}.{digest[:16]}.ckpt")
+        m = get_method(name)(cfg).fit(X_fit, Y_rows, rows=fit_rows, groups=folds.slides[fit_mask], ctx=fctx)
+        if folder is not None:
+            _save_fold(m, folder, folds, held, target_names, digest)
+    held_pred = m.predict(None if features is None else features[held_rows], rows=held_rows, ctx=fctx)
+    test_pred = (m.predict(None if features is None else features[folds.test_rows], rows=folds.test_rows, ctx=fctx)
+                 if len(folds.test_rows) else None)
+    return m, held_pred, test_pred
+
+
+def _save_fold(m: Method, folder, folds: Folds, held: str, target_names: list[str] | None, digest: str) -> None:
+    """Save a fold model (with the slides it was fitted on) and drop its per-epoch checkpoints."""
+    m.save(folder, train_slides=sorted(set(folds.slides[folds.split(held)[0]].tolist())),
+           target_names=list(target_names or []), digest=digest)
+    for stale in folder.parent.glob(f".{folder.name}.*.ckpt"):
+        stale.unlink()
+
+
+def _restored(name: str, cfg: RunConfig, state: tuple) -> Method:
+    """A fold model fitted on another rank, rebuilt from its (params, tensors, log)."""
+    params, tensors, log = state
+    m = get_method(name)(cfg)
+    m.params, m.tensors, m.log = dict(params), dict(tensors), log
+    m.restore()
+    return m
 
 
 def _fold_digest(name: str, cfg: RunConfig, rows: np.ndarray, Y: np.ndarray, X: np.ndarray | None, seed: int) -> str:

@@ -5,9 +5,14 @@ starts torchrun itself. Every process (rank) runs the same pipeline; what is sha
 
 - feature extraction: rank r encodes a contiguous shard of the tiles and the features are gathered, so every rank
   holds the same full array (:meth:`hevisum.features.FeatureStore._encode`);
-- tile models train with DistributedDataParallel: each rank takes a disjoint share of every batch of the same
-  seeded global order and the gradients are averaged (:func:`hevisum.training.train_tile_model`);
-- the cheap ridge/MLP folds are computed by every rank identically.
+- cross-validation folds (:func:`spread_folds`): with at least as many folds as ranks (``fold_mode()`` "auto", the
+  default) the folds are spread over the ranks; each rank fits its folds alone, as one process would (no DDP,
+  inside :func:`local`), and the out-of-fold and test predictions and the fitted fold models are gathered, so
+  every fold is the one-process fold and rank 0 writes every fold model (:func:`hevisum.cv.cross_validate_method`);
+- with fewer folds than ranks (or ``fold_mode()`` "ddp") every rank takes part in every fold: tile models train
+  with DistributedDataParallel, each rank taking a disjoint share of every batch of the same seeded global order
+  and the gradients averaged (:func:`hevisum.training.train_tile_model`); the cheap ridge/MLP folds are computed
+  by every rank identically.
 
 Only rank 0 writes the run folder (:func:`run_folder`); the other ranks work in a scratch folder that is removed
 at the end. A failure on one rank is agreed on at every collective call (:func:`sync_failures`): every rank stops,
@@ -180,6 +185,52 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     _dist().broadcast_object_list(box, src=src)
     return box[0]
+
+
+#: how cross-validation folds use the ranks: auto (spread when there are at least as many folds as ranks), spread
+#: (always spread, some ranks idle when there are fewer folds), ddp (every rank in every fold, as before)
+FOLD_MODES = ("auto", "spread", "ddp")
+_FOLD_MODE: list[str | None] = [None]  # set by ``hevisum run --dist-folds``; else HEVISUM_DIST_FOLDS; else auto
+
+
+def set_fold_mode(mode: str | None) -> None:
+    """Choose how folds use the ranks (one of :data:`FOLD_MODES`; None: back to ``HEVISUM_DIST_FOLDS`` or auto)."""
+    if mode is not None and mode not in FOLD_MODES:
+        raise HevisumError(f"fold mode must be one of {', '.join(FOLD_MODES)}, got {mode!r}")
+    _FOLD_MODE[0] = mode
+
+
+def fold_mode() -> str:
+    """The fold mode: :func:`set_fold_mode`'s, else the environment's ``HEVISUM_DIST_FOLDS``, else ``auto``."""
+    if _FOLD_MODE[0] is not None:
+        return _FOLD_MODE[0]
+    mode = os.environ.get("HEVISUM_DIST_FOLDS", "").strip().lower() or "auto"
+    if mode not in FOLD_MODES:
+        raise HevisumError(f"HEVISUM_DIST_FOLDS must be one of {', '.join(FOLD_MODES)}, got "
+                           f"{os.environ['HEVISUM_DIST_FOLDS']!r}")
+    return mode
+
+
+def spread_folds(n_folds: int) -> bool:
+    """True when ``n_folds`` cross-validation folds are spread over the ranks (each fold fitted by one rank alone):
+    distributed, and ``fold_mode()`` is spread, or auto with at least as many folds as ranks. Every rank gives the
+    same answer (same world size, folds and mode)."""
+    if not active() or n_folds < 1:
+        return False
+    mode = fold_mode()
+    return mode == "spread" or (mode == "auto" and n_folds >= world())
+
+
+def assign_folds(weights: list[float], n_ranks: int) -> list[int]:
+    """The rank that fits each fold: the heaviest fold first, each to the least loaded rank so far (the lowest rank
+    on ties). Deterministic; with equal weights it is round-robin over the fold index."""
+    load = [0.0] * max(1, int(n_ranks))
+    owner = [0] * len(weights)
+    for k in sorted(range(len(weights)), key=lambda i: (-float(weights[i]), i)):
+        r = min(range(len(load)), key=lambda j: (load[j], j))
+        owner[k] = r
+        load[r] += float(weights[k])
+    return owner
 
 
 def shard(n: int, align: int = 1) -> tuple[int, int]:

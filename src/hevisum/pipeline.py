@@ -203,7 +203,10 @@ def feature_store(prep, cfg: RunConfig, device: str, progress: bool):
 
 def cross_validate_stage(prep, targets: Targets, methods: list[str], cfg: RunConfig, out: Path, device: str,
                          progress: bool, resume: bool = False, folds: Folds | None = None) -> CVResult:
-    """Leave-one-slide-out for every method; fold models saved as they finish (and reused on resume)."""
+    """Leave-one-slide-out for every method; fold models saved as they finish (and reused on resume). Under torchrun
+    the folds may be spread over the ranks (see :func:`hevisum.cv.cross_validate_method`)."""
+    from hevisum import distributed
+
     folds = folds if folds is not None else make_folds(prep.spots, seed=cfg.seed)
     store = feature_store(prep, cfg, device, progress)
     ctx = FitContext(cfg=cfg, tiles=prep.tiles, Y_fit=targets.fit, Y_raw=targets.raw, device=device, seed=cfg.seed,
@@ -212,7 +215,9 @@ def cross_validate_stage(prep, targets: Targets, methods: list[str], cfg: RunCon
     results, summaries, seconds = [], {}, {}
     for name in methods:
         t0 = time.perf_counter()
-        say(f"cross-validating {name} over {len(folds.slide_ids)} folds", progress)
+        spread = distributed.spread_folds(len(folds.slide_ids))
+        say(f"cross-validating {name} over {len(folds.slide_ids)} folds"
+            f"{f' (spread over {distributed.world()} processes)' if spread else ''}", progress)
         X = store.for_method(get_method(name)(cfg))
         res = cross_validate_method(name, folds, targets.fit, cfg, ctx, features=X,
                                     fold_dir=lambda held, n=name: out / "models" / n / f"fold_{safe_name(held)}",
@@ -382,6 +387,11 @@ def _slide_digest(s) -> str:
     h.update(f"{s.slide_id}|{s.split}|{s.um_per_px}|{s.image.shape}".encode())
     img = np.asarray(s.image)
     h.update(np.ascontiguousarray(img[:: max(1, img.shape[0] // 64), :: max(1, img.shape[1] // 64)]).tobytes())
+    level0 = (s.meta or {}).get("level0")
+    if isinstance(level0, dict):  # tiles come from this file: its identity and the map onto the working image
+        st = Path(level0["path"]).stat()
+        h.update(json.dumps({**level0, "size": st.st_size, "mtime_ns": st.st_mtime_ns}, sort_keys=True,
+                            default=str).encode())
     h.update(pd.util.hash_pandas_object(s.spots.astype(str), index=False).to_numpy().tobytes())
     if s.targets is not None:
         h.update(np.ascontiguousarray(np.asarray(s.targets, dtype=np.float64)).tobytes())
