@@ -214,6 +214,26 @@ def test_cli_demo_data(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def test_cli_demo_data_replaces_only_what_it_wrote(tmp_path):
+    """A second demo-data over its own files replaces them; a file hevisum did not write (the HDF5, or a truth CSV
+    beside a new name) is refused with one line and left as it was, unless --force."""
+    from hevisum.cli import main
+
+    out = tmp_path / "d.h5"
+    assert main(["demo-data", str(out), "--seed", "1", "--spots", "40", "--n-train", "2"]) == 0
+    assert main(["demo-data", str(out), "--seed", "2", "--spots", "40", "--n-train", "2"]) == 0  # ours: replaced
+    mine = tmp_path / "mine.h5"
+    mine.write_bytes(b"user data")
+    assert main(["demo-data", str(mine), "--spots", "40"]) == 2
+    assert mine.read_bytes() == b"user data" and not (tmp_path / "mine_test_truth.csv").exists()
+    csv = tmp_path / "new_test_truth.csv"
+    csv.write_text("user,table\n")
+    assert main(["demo-data", str(tmp_path / "new.h5"), "--spots", "40"]) == 2
+    assert csv.read_text() == "user,table\n" and not (tmp_path / "new.h5").exists()
+    assert main(["demo-data", str(mine), "--spots", "40", "--n-train", "2", "--force"]) == 0
+    assert len(read_competition_h5(mine)) == 3
+
+
 def test_fast():
     t0 = time.process_time()
     make_demo_slides(DemoSpec(seed=11))

@@ -147,12 +147,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from hevisum.demo import DemoSpec, write_demo
+    from hevisum.demo import DemoSpec, truth_path_for, write_demo
+    from hevisum.io.atomic import check_output_file
 
     spec = DemoSpec(
         n_train=args.n_train, n_test=args.n_test, n_spots=args.spots, n_targets=args.n_targets, seed=args.seed
     )
-    write_demo(Path(args.out), spec)
+    h5 = Path(args.out)
+    # an existing file is replaced only when hevisum wrote it (the truth CSV: when the HDF5 beside it is ours)
+    check_output_file(h5, force=args.force, ours=_written_by_hevisum)
+    if not h5.is_dir():
+        check_output_file(truth_path_for(h5), force=args.force, ours=lambda _: _written_by_hevisum(h5))
+    write_demo(h5, spec)
     print(f"wrote {args.out}: {spec.n_train} Train + {spec.n_test} Test slides, ~{spec.n_spots} spots each, "
           f"{spec.n_targets} targets (seed {spec.seed})")
     return 0
@@ -336,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-test", type=int, default=1, help="test slides (default 1)")
     d.add_argument("--spots", type=int, default=300, help="approximate spots per slide (default 300)")
     d.add_argument("--n-targets", type=int, default=35, help="targets per spot (default 35)")
+    _add_force(d, "an existing OUT.h5 or its truth CSV")
     d.set_defaults(func=cmd_demo_data)
 
     pp = sub.add_parser("preprocess", help="stain-normalise, mask, realign, filter, rank and tile",

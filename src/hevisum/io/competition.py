@@ -316,8 +316,11 @@ def write_competition_h5(slides: list[Slide], path: str | Path) -> None:
             raise HevisumError(f"{s.where()}: a Train slide needs targets; mark it as Test instead "
                                f"(--test {s.slide_id!r})")
     n_targets = len(names) if names else 0
+    from hevisum import __version__
+
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
+            f.attrs["written_by"] = f"hevisum {__version__}"  # so a later write may replace it (see check_output_file)
             if names:
                 f.attrs["target_names"] = json.dumps(names)
             for s in slides:
