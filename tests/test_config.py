@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hevisum.config import RunConfig, dumps_toml, from_dict, load_run_config
+from hevisum.config import RunConfig, dumps_toml, from_dict, load_config, load_run_config
 from hevisum.errors import HevisumError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
@@ -71,3 +71,14 @@ def test_an_unknown_method_is_refused_before_any_work_naming_the_valid_ones():
     with pytest.raises(HevisumError, match="nope.*encoder-ridge"):
         resolve_methods(cfg)
     assert resolve_methods(RunConfig())[:2] == ["mean", "colour-ridge"]  # baselines always run
+
+
+def test_realign_min_margin_default_is_the_realign_functions_and_is_checked(tmp_path):
+    from hevisum.config import RunConfig
+    from hevisum.preprocess.spots import MIN_MARGIN
+
+    assert RunConfig().realign.min_margin == MIN_MARGIN
+    p = tmp_path / "c.toml"
+    p.write_text("[realign]\nmin_margin = 3\n")
+    with pytest.raises(HevisumError, match=r"realign.min_margin must be"):
+        load_config(RunConfig, p)

@@ -281,3 +281,8 @@ def test_her2st_realignment_keeps_published_grids_and_undoes_a_known_move(shared
     err = np.hypot(*(np.array(c3["shift_px"]) + move))
     assert c3["realign"]["applied"] and err < 0.1 * c3["pitch_px"], (c3, err / c3["pitch_px"])
     assert all(q["shift_px"] == [0.0, 0.0] for sid, q in qc.items() if sid != "C3")
+    # realign.min_margin is the config's: above the margin C3's move showed, the same shift is proposed, not applied
+    strict = dataclasses.replace(cfg, realign=dataclasses.replace(cfg.realign, min_margin=c3["realign"]["margin"] + 0.05))
+    c3s = preprocess([s for s in moved if s.slide_id in ("C2", "C3")], strict, tmp_path / "strict", progress=False).qc["C3"]
+    assert not c3s["realign"]["applied"] and c3s["shift_px"] == [0.0, 0.0]
+    assert c3s["realign"]["min_margin"] == pytest.approx(c3["realign"]["margin"] + 0.05)

@@ -54,12 +54,15 @@ class RealignConfig:
     max_shift_pitches: float = 1.5  # search window, in spot pitches
     min_gain: float = 0.01  # keep (0, 0) unless the best shift satisfies this fraction more of the constraints
     blur_pitches: float = 0.05  # blur of the tissue mask used for realignment, in pitches (sharp edges)
+    # apply the best shift only when it raises the on-tissue evidence by at least this margin (per edge constraint)
+    min_margin: float = 0.15
     manual: dict = field(default_factory=dict)  # {slide_id: [dx, dy]} overrides the estimate
 
     def check(self) -> None:
         _in_range("realign.max_shift_pitches", self.max_shift_pitches, 0, 10, unit=" pitches")
         _fraction("realign.min_gain", self.min_gain)
         _in_range("realign.blur_pitches", self.blur_pitches, 0, 5, unit=" pitches")
+        _in_range("realign.min_margin", self.min_margin, 0, 2)
         for k, v in self.manual.items():
             ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(
                 isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and abs(a) <= 1e6

@@ -43,7 +43,7 @@ from hevisum.errors import HevisumError
 from hevisum.io.atomic import atomic_dir, check_output
 from hevisum.preprocess import qc_plots
 from hevisum.names import safe_name
-from hevisum.preprocess.spots import MIN_MARGIN, Realignment, invalid_spots, realign, spot_pitch
+from hevisum.preprocess.spots import Realignment, invalid_spots, realign, spot_pitch
 from hevisum.preprocess.stain import StainTarget, apply_mapping, fit_target, stain_mapping, tissue_patch_pixels
 from hevisum.preprocess.targets import rank_targets
 from hevisum.preprocess.tiles import SourceTiles, TileGeometry, fill_tiles, tile_side
@@ -412,7 +412,7 @@ def _plan_slide(s: Slide, mask: np.ndarray, sharp: np.ndarray | None, pitch: flo
             sharp = realignment_mask(s.image, pitch, cfg)
         # applied only when it raises the on-tissue evidence by a clear margin over the unshifted grid
         decision = realign(sharp, xy_in, pitch, cfg.realign.max_shift_pitches * pitch, image=s.image,
-                           min_margin=float(getattr(cfg.realign, "min_margin", MIN_MARGIN)),
+                           min_margin=float(cfg.realign.min_margin),
                            min_gain=cfg.realign.min_gain)
     else:
         decision = Realignment.fixed((0.0, 0.0), "off")
