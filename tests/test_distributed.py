@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from hevisum import distributed
-from hevisum.demo import DemoSpec, write_demo
+from hevisum.demo import DemoSpec
+from helpers import demo_inputs
 from hevisum.errors import HevisumError
 from hevisum.training import _rank_batches
 
@@ -65,10 +66,8 @@ def _run(cmd: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("dist")
-    h5, _ = write_demo(tmp / "demo.h5", DemoSpec(n_train=3, n_test=1, n_spots=40, n_targets=6, seed=1),
-                       progress=False)
-    cfg = tmp / "tiny.toml"
-    cfg.write_text(CONFIG)
+    h5, _, cfg = demo_inputs(tmp, DemoSpec(n_train=3, n_test=1, n_spots=40, n_targets=6, seed=1), CONFIG,
+                             h5_name="demo.h5")
     args = [str(h5), "--config", str(cfg), "--quiet"]
     one = _run([sys.executable, "-m", "hevisum", "run", *args, "--out", str(tmp / "out1")],
                _env(tmp, "1", OMP_NUM_THREADS="1"))  # the thread count torchrun gives each rank

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
-from hevisum.demo import DemoSpec, write_demo
+from hevisum.demo import DemoSpec
+from helpers import cli, demo_inputs
 
 CONFIG = """
 seed = 1
@@ -24,10 +23,6 @@ enabled = false
 """
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hevisum.cli", *args], capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     import torch
@@ -40,10 +35,8 @@ def setup(tmp_path_factory):
     enc = build_encoder("lunit-vits8")
     weights = tmp / "lunit_random.safetensors"
     save_file({k: v.contiguous() for k, v in enc.backbone.state_dict().items()}, str(weights))
-    h5, truth = write_demo(tmp / "demo.h5", DemoSpec(n_train=3, n_test=1, n_spots=60, n_targets=8, seed=2),
-                           progress=False)
-    cfg = tmp / "lunit.toml"
-    cfg.write_text(CONFIG.format(weights=weights))
+    h5, truth, cfg = demo_inputs(tmp, DemoSpec(n_train=3, n_test=1, n_spots=60, n_targets=8, seed=2),
+                                 CONFIG.format(weights=weights), h5_name="demo.h5", cfg_name="lunit.toml")
     return {"tmp": tmp, "weights": weights, "h5": h5, "truth": truth, "cfg": cfg}
 
 
@@ -53,7 +46,7 @@ def test_a_run_with_a_local_lunit_weight_file_is_deterministic_and_describes_its
     for k in range(2):
         out = tmp / f"run{k}"
         p = cli("run", str(setup["h5"]), "--out", str(out), "--config", str(setup["cfg"]), "--truth",
-                str(setup["truth"]), "--quiet")
+                str(setup["truth"]), "--quiet", check=False)
         assert p.returncode == 0, p.stderr[-2000:]
         outs.append(out)
     m = json.loads((outs[0] / "metrics.json").read_text())
@@ -67,7 +60,7 @@ def test_a_run_with_a_local_lunit_weight_file_is_deterministic_and_describes_its
     assert a == b
     # the second run read the encoder features from the shared cache instead of computing them
     assert "lunit-vits8 features" not in cli("run", str(setup["h5"]), "--out", str(tmp / "run2"), "--config",
-                                             str(setup["cfg"])).stderr
+                                             str(setup["cfg"]), check=False).stderr
 
 
 @pytest.mark.parametrize("case", ["missing", "other-architecture", "pickle"])
@@ -86,7 +79,7 @@ def test_a_bad_weight_file_is_one_line_naming_the_file_and_exit_2(setup, case, t
         torch.save({"model": pd.DataFrame({"a": [1]})}, bad)  # a pickle that needs code to load
     out = tmp_path / "out"
     p = cli("run", str(setup["h5"]), "--out", str(out), "--methods", "encoder-ridge", "--encoder", "lunit-vits8",
-            "--encoder-weights", str(bad))
+            "--encoder-weights", str(bad), check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and bad.name in lines[-1] and "Traceback" not in p.stderr
@@ -94,6 +87,6 @@ def test_a_bad_weight_file_is_one_line_naming_the_file_and_exit_2(setup, case, t
 
 
 def test_a_preset_without_weights_says_which_file_to_download(setup, tmp_path):
-    p = cli("run", str(setup["h5"]), "--out", str(tmp_path / "o"), "--methods", "encoder-ridge", "--encoder", "uni")
+    p = cli("run", str(setup["h5"]), "--out", str(tmp_path / "o"), "--methods", "encoder-ridge", "--encoder", "uni", check=False)
     assert p.returncode == 2
     assert "--encoder-weights" in p.stderr and "Traceback" not in p.stderr

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from hevisum.demo import DemoSpec, write_demo
+from helpers import cli, demo_inputs
 
 TINY_CONFIG = """
 seed = 3
@@ -36,19 +35,10 @@ enabled = false
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "hevisum.cli", *args], capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"hevisum {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("explain")
-    h5, _ = write_demo(tmp / "tiny.h5", DemoSpec(n_train=3, n_test=1, n_spots=40, n_targets=6), progress=False)
-    cfg = tmp / "tiny.toml"
-    cfg.write_text(TINY_CONFIG)
+    h5, _, cfg = demo_inputs(tmp, DemoSpec(n_train=3, n_test=1, n_spots=40, n_targets=6), TINY_CONFIG)
     out = tmp / "run"
     cli("run", str(h5), "--out", str(out), "--config", str(cfg), "--quiet")
     # new slides, unseen by the run

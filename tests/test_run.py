@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from hevisum.demo import DemoSpec, write_demo
+from hevisum.demo import DemoSpec
+from helpers import cli, demo_inputs
 
 TINY_CONFIG = """
 seed = 3
@@ -26,20 +25,10 @@ model = "mlp"
 """
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "hevisum.cli", *args], capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"hevisum {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("run")
-    h5, truth = write_demo(tmp / "tiny.h5", DemoSpec(n_train=3, n_test=1, n_spots=60, n_targets=12, seed=5),
-                           progress=False)
-    cfg = tmp / "tiny.toml"
-    cfg.write_text(TINY_CONFIG)
+    h5, truth, cfg = demo_inputs(tmp, DemoSpec(n_train=3, n_test=1, n_spots=60, n_targets=12, seed=5), TINY_CONFIG)
     out = tmp / "out"
     cli("run", str(h5), "--out", str(out), "--config", str(cfg), "--truth", str(truth), "--quiet")
     return {"h5": h5, "truth": truth, "out": out, "tmp": tmp}

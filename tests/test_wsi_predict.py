@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from hevisum.demo import DemoSpec, write_demo
+from hevisum.demo import DemoSpec
+from helpers import cli, demo_inputs
 
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 HER2ST_IMAGE = SHARED_DATA / "her2st" / "images" / "C2.jpg"
@@ -39,16 +38,6 @@ enabled = false
 W, PITCH = 3000, 100.0  # slide width in px (1 µm/px) and grid pitch in µm
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hevisum.cli", *args], capture_output=True, text=True)
-
-
-def ok(*args: str) -> subprocess.CompletedProcess:
-    p = cli(*args)
-    assert p.returncode == 0, f"hevisum {' '.join(args)} failed:\n{p.stderr[-3000:]}"
-    return p
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     if not HER2ST_IMAGE.is_file():
@@ -56,17 +45,15 @@ def setup(tmp_path_factory) -> dict:
     from hevisum.io.wsi import he_patches, write_pyramidal_tiff
 
     tmp = tmp_path_factory.mktemp("wsi_predict")
-    h5, _ = write_demo(tmp / "demo.h5", DemoSpec(n_train=2, n_test=1, n_spots=40, n_targets=6, seed=2),
-                       progress=False)
-    cfg = tmp / "tiny.toml"
-    cfg.write_text(TINY_CONFIG)
+    h5, _, cfg = demo_inputs(tmp, DemoSpec(n_train=2, n_test=1, n_spots=40, n_targets=6, seed=2), TINY_CONFIG,
+                             h5_name="demo.h5")
     run = tmp / "run"
-    ok("run", str(h5), "--out", str(run), "--config", str(cfg), "--quiet")
+    cli("run", str(h5), "--out", str(run), "--config", str(cfg), "--quiet")
     patches = he_patches([HER2ST_IMAGE], n=12, seed=0)
     slide_path = tmp / "slide.tif"
     slide = write_pyramidal_tiff(slide_path, W, source_tiles=patches, um_per_px=1.0, seed=3)
     pred = tmp / "pred"
-    ok("predict", str(run), str(slide_path), "--out", str(pred), "--grid-um", str(PITCH), "--quiet")
+    cli("predict", str(run), str(slide_path), "--out", str(pred), "--grid-um", str(PITCH), "--quiet")
     return {"tmp": tmp, "run": run, "slide_path": slide_path, "slide": slide, "pred": pred, "patches": patches}
 
 
@@ -148,7 +135,7 @@ def test_a_second_prediction_is_identical_and_draws_the_asked_targets(setup):
     import anndata as ad
 
     again = setup["tmp"] / "pred_again"
-    ok("predict", str(setup["run"]), str(setup["slide_path"]), "--out", str(again), "--grid-um", str(PITCH),
+    cli("predict", str(setup["run"]), str(setup["slide_path"]), "--out", str(again), "--grid-um", str(PITCH),
        "--plot-targets", "C2,C5", "--quiet")
     assert (again / "predictions.csv").read_bytes() == (setup["pred"] / "predictions.csv").read_bytes()
     a, b = (ad.read_h5ad(p / "predictions.h5ad") for p in (setup["pred"], again))
@@ -182,7 +169,7 @@ def test_a_slide_without_um_per_px_is_refused_in_one_line(setup):
     png = setup["tmp"] / "nodpi.png"
     Image.fromarray(np.asarray(setup["patches"][0])).save(png)
     out = setup["tmp"] / "refused"
-    p = cli("predict", str(setup["run"]), str(png), "--out", str(out), "--grid-um", "100")
+    p = cli("predict", str(setup["run"]), str(png), "--out", str(out), "--grid-um", "100", check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     assert len(p.stderr.strip().splitlines()) == 1 and "--um-per-px" in p.stderr and "Traceback" not in p.stderr
     assert not out.exists() and not list(setup["tmp"].glob("refused.*"))
@@ -190,17 +177,18 @@ def test_a_slide_without_um_per_px_is_refused_in_one_line(setup):
 
 def test_a_run_without_its_pitch_in_um_needs_grid_um(setup):
     out = setup["tmp"] / "refused_pitch"
-    p = cli("predict", str(setup["run"]), str(setup["slide_path"]), "--out", str(out))
+    p = cli("predict", str(setup["run"]), str(setup["slide_path"]), "--out", str(out), check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     assert len(p.stderr.strip().splitlines()) == 1 and "--grid-um" in p.stderr and "Traceback" not in p.stderr
     assert not out.exists()
     p = cli("predict", str(setup["run"]), str(setup["slide_path"]), "--out", str(out), "--grid-um", "100",
-            "--plot-targets", "C99")
+            "--plot-targets", "C99", check=False)
     assert p.returncode == 2 and "C99" in p.stderr and not out.exists()
 
 
 def test_grid_options_with_a_spot_table_input_are_refused(setup, tmp_path):
-    p = cli("predict", str(setup["run"]), str(setup["tmp"] / "demo.h5"), "--out", str(tmp_path / "o"), "--square")
+    p = cli("predict", str(setup["run"]), str(setup["tmp"] / "demo.h5"), "--out", str(tmp_path / "o"), "--square",
+            check=False)
     assert p.returncode == 2 and "--square" in p.stderr and not (tmp_path / "o").exists()
 
 

@@ -55,7 +55,6 @@ __all__ = [
     "read_slide_image",
     "read_tiles",
     "tissue_thumbnail",
-    "working_image",
     "write_pyramidal_tiff",
 ]
 
@@ -544,9 +543,9 @@ class TiffSource(ImageSource):
             if count:
                 fh.seek(offset)
                 data = fh.read(count)
-                seg, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
+                seg = page.decode(data, index, jpegtables=page.jpegtables)[0]
             else:
-                seg, shape = None, None
+                seg = None
         except Exception as e:  # codec errors from imagecodecs/zlib on damaged data
             raise HevisumError(f"{self.path}: cannot decode level {level} segment {index} ({_first_line(e)})") \
                 from None
@@ -789,45 +788,36 @@ def wants_lazy(path: str | Path) -> bool:
     return Path(path).suffix.lower() in OPENSLIDE_SUFFIXES + TIFF_SUFFIXES
 
 
-def working_image(path: str | Path, max_side: int | None = None, xy_level0: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, tuple[float, float], dict]:
-    """A slide file as an in-memory working image plus what is needed to read its tiles later at full resolution.
-
-    Returns ``(image, (sx, sy), level0)``: the whole slide with its longer side :func:`working_side` px (at most
-    ``max_side``), read from the best pyramid level block by block (level 0 is never held whole);
-    ``x_work = x_level0 * sx``, ``y_work = y_level0 * sy``; ``level0`` = ``{"path", "backend", "width",
-    "height", "sx", "sy", "um_per_px"}`` (JSON-safe) for :class:`hevisum.preprocess.tiles.SourceTiles`.
-    """
-    with open_image(path) as src:
-        side = working_side(src.width, src.height, xy_level0)
-        img, _ = src.thumbnail(side if max_side is None else min(int(max_side), side))
-        sx, sy = img.shape[1] / src.width, img.shape[0] / src.height
-        level0 = {"path": str(Path(path).resolve()), "backend": src.backend, "width": src.width,
-                  "height": src.height, "sx": sx, "sy": sy, "um_per_px": src.um_per_px}
-    return img, (sx, sy), level0
-
-
 def read_slide_image(path: str | Path, max_side: int | None = None, xy: np.ndarray | None = None
                      ) -> tuple[np.ndarray, tuple[float, float], dict | None]:
-    """A slide's image for the readers: ``(image, (sx, sy), level0)``.
+    """A slide's image for the readers: ``(image, (sx, sy), level0)``; ``x_image = x_file * sx``.
 
     Tiled or pyramidal files (TIFF, SVS, NDPI, ...) larger than a working image are not decoded whole: the image
-    returned is a working copy (:func:`working_side`: 2048-4096 px, the spot pitch ``xy``, the
-    spots in the file's pixels, shows about 24 px) and ``level0`` tells where the full-resolution pixels are
-    (tiles are read from there on demand, see :class:`hevisum.preprocess.tiles.SourceTiles`). Anything else is
-    read as :func:`read_image_scaled` does, with ``level0 = None``.
+    returned is a working copy of the whole slide (longer side :func:`working_side`: 2048-4096 px, so that the
+    spot pitch of ``xy``, the spots in the file's pixels, shows about 24 px; at most ``max_side``), read from the
+    best pyramid level block by block, and ``level0`` = ``{"path", "backend", "width", "height", "sx", "sy",
+    "um_per_px"}`` (JSON-safe) tells where the full-resolution pixels are (tiles are read from there on demand,
+    see :class:`hevisum.preprocess.tiles.SourceTiles`). Anything else is read as :func:`read_image_scaled` does,
+    with ``level0 = None``.
     """
     from hevisum.io.images import read_image_scaled
 
+    src = None
     if wants_lazy(path) and Path(path).is_file():
         try:
-            with open_image(path) as src:
-                limit = working_side(src.width, src.height, xy)
-                big = max(src.width, src.height) > (limit if max_side is None else min(max_side, limit))
+            src = open_image(path)
         except HevisumError:
-            big = False  # not readable region by region: read_image_scaled says what is wrong, or reads it whole
-        if big:
-            return working_image(path, max_side, xy)
+            src = None  # not readable region by region: read_image_scaled says what is wrong, or reads it whole
+    if src is not None:
+        with src:
+            side = working_side(src.width, src.height, xy)
+            side = side if max_side is None else min(int(max_side), side)
+            if max(src.width, src.height) > side:
+                img, _ = src.thumbnail(side)
+                sx, sy = img.shape[1] / src.width, img.shape[0] / src.height
+                level0 = {"path": str(Path(path).resolve()), "backend": src.backend, "width": src.width,
+                          "height": src.height, "sx": sx, "sy": sy, "um_per_px": src.um_per_px}
+                return img, (sx, sy), level0
     image, scale = read_image_scaled(path, max_side)
     return image, scale, None
 

@@ -46,7 +46,7 @@ from hevisum.names import safe_name
 from hevisum.preprocess.spots import Realignment, invalid_spots, realign, spot_pitch
 from hevisum.preprocess.stain import StainTarget, apply_mapping, fit_target, stain_mapping, tissue_patch_pixels
 from hevisum.preprocess.targets import rank_targets
-from hevisum.preprocess.tiles import SourceTiles, TileGeometry, fill_tiles, tile_side
+from hevisum.preprocess.tiles import SourceTiles, TileGeometry, fill_tiles, make_tile_caches, tile_side
 from hevisum.preprocess.tissue import mask_background, tissue_mask, tissue_masks, working_factor
 from hevisum.slide import Slide, check_same_targets, check_unique_ids
 
@@ -143,7 +143,8 @@ def preprocess(slides: Sequence[Slide], cfg: PreprocessConfig, workdir: Path, pr
         plans.append(plan)
         _add(secs, took)
     _share_wall(timings, time.perf_counter() - t0, secs)
-    n_tiles = sum(int(p["keep"].sum()) for p in plans)
+    rows = np.concatenate([[0], np.cumsum([int(p["keep"].sum()) for p in plans])]).tolist()  # each slide's first row
+    n_tiles = rows[-1]
 
     # ---- 2. stain target: fitted on tissue patches of the training slides (or the reference slide) only
     t0 = time.perf_counter()
@@ -155,9 +156,7 @@ def preprocess(slides: Sequence[Slide], cfg: PreprocessConfig, workdir: Path, pr
         # by whichever process does the slide: the same bytes in any order)
         t0 = time.perf_counter()
         caches = [(tmp / "tiles.npy", cfg.tiles.size)] + [(tmp / f"tiles_{g.name}.npy", g.size) for g in geometries]
-        for path, size in caches:
-            np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_tiles, size, size, 3)).flush()
-        rows = np.concatenate([[0], np.cumsum([int(p["keep"].sum()) for p in plans])]).tolist()
+        make_tile_caches(caches, n_tiles)
         shared.update(masks=masks, plans=plans, target=target, geometries=list(geometries), caches=caches, rows=rows)
         thumbs: dict[str, np.ndarray] = {}
         geom_qc: dict = {}
@@ -296,8 +295,7 @@ def _normalise_and_tile(shared: dict, i: int) -> tuple[np.ndarray, dict, dict]:
     else:
         # a file read region by region: every tile from its full-resolution pixels, at exact sides
         del image
-        fill = {"white": (255, 255, 255), "black": (0, 0, 0)}[cfg.tissue.fill]
-        with SourceTiles(level0, mapping, mask if cfg.tissue.mask_background else None, fill) as src:
+        with SourceTiles(level0, mapping, mask if cfg.tissue.mask_background else None, cfg.tissue.fill) as src:
             fill_tiles(shared["caches"], row0, src, xy, [cfg.tiles.scale * plan["pitch"]]
                        + [g.side_exact(plan["pitch"], s.um_per_px) for g in geometries])
     return thumb, geom_qc, {"normalise_mask": t1 - t0, "tiling": time.perf_counter() - t1}

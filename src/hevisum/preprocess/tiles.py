@@ -62,10 +62,12 @@ class SourceTiles:
     """
 
     def __init__(self, level0: dict, mapping=None, mask: np.ndarray | None = None,
-                 fill: tuple[int, int, int] = (255, 255, 255)) -> None:
+                 fill: str | tuple[int, int, int] = "white") -> None:
+        from hevisum.preprocess.tissue import fill_colour
+
         self.level0 = level0
         self.sx, self.sy = float(level0["sx"]), float(level0["sy"])
-        self.mapping, self.mask, self.fill = mapping, mask, np.asarray(fill, dtype=np.uint8)
+        self.mapping, self.mask, self.fill = mapping, mask, fill_colour(fill)
         self._src = None
 
     def __enter__(self) -> "SourceTiles":
@@ -142,8 +144,7 @@ def write_tiles(path: Path, jobs: Iterable[tuple], n_tiles: int, size: int, prog
     from tqdm.auto import tqdm
 
     caches = [(Path(path), size)] + [(Path(p), sz) for p, sz in (extra or [])]
-    for p, sz in caches:
-        np.lib.format.open_memmap(p, mode="w+", dtype=np.uint8, shape=(n_tiles, sz, sz, 3)).flush()
+    make_tile_caches(caches, n_tiles)
     row = 0
     with tqdm(total=n_tiles, desc="tiles", unit="tile", disable=not progress) as bar:
         for job in jobs:
@@ -159,20 +160,23 @@ def write_tiles(path: Path, jobs: Iterable[tuple], n_tiles: int, size: int, prog
     return np.load(path, mmap_mode="r")
 
 
+def make_tile_caches(caches: list[tuple[Path, int]], n_tiles: int) -> None:
+    """Create every cache file ``(path, size)``: a ``.npy`` uint8 array ``(n_tiles, size, size, 3)``."""
+    for path, size in caches:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_tiles, size, size, 3)).flush()
+
+
 def fill_tiles(caches: list[tuple[Path, int]], row0: int, image: np.ndarray | SourceTiles, xy: np.ndarray,
                sides: list[float], chunk: int = 256) -> None:
-    """Write one slide's tiles into rows ``row0 ..`` of every cache file ``(path, size)`` (made beforehand, e.g. by
-    ``np.lib.format.open_memmap``), one side per cache; only one batch of tiles is in memory at a time."""
+    """Write one slide's tiles into rows ``row0 ..`` of every cache file ``(path, size)`` (made beforehand by
+    :func:`make_tile_caches`), one side per cache; only one batch of tiles is in memory at a time."""
     arrays = [np.load(path, mmap_mode="r+") for path, _ in caches]
-    try:
-        for s0 in range(0, len(xy), chunk):
-            for arr, (_, size), side in zip(arrays, caches, sides):
-                batch = extract_tiles(image, xy[s0:s0 + chunk], side, size)
-                arr[row0 + s0:row0 + s0 + len(batch)] = batch
-        for arr in arrays:
-            arr.flush()
-    finally:
-        del arrays
+    for s0 in range(0, len(xy), chunk):
+        for arr, (_, size), side in zip(arrays, caches, sides):
+            batch = extract_tiles(image, xy[s0:s0 + chunk], side, size)
+            arr[row0 + s0:row0 + s0 + len(batch)] = batch
+    for arr in arrays:
+        arr.flush()
 
 
 def subtiles(tile_batch: np.ndarray) -> np.ndarray:

@@ -84,13 +84,18 @@ def working_factor(shape: tuple[int, ...], max_side: int = 2048) -> int:
     return max(1, int(np.ceil(max(shape[:2]) / max_side)))
 
 
-def mask_background(image: np.ndarray, mask: np.ndarray, fill: str | tuple[int, int, int] = "white") -> np.ndarray:
-    """A copy of ``image`` with pixels outside ``mask`` set to ``fill`` ("white", "black" or an RGB triple)."""
+def fill_colour(fill: str | tuple[int, int, int]) -> np.ndarray:
+    """The RGB uint8 colour of a background ``fill``: "white", "black" or an RGB triple."""
     colour = {"white": (255, 255, 255), "black": (0, 0, 0)}.get(fill, fill) if isinstance(fill, str) else fill
     if isinstance(colour, str):
         raise ValueError(f"fill must be 'white', 'black' or an RGB triple, got {fill!r}")
+    return np.asarray(colour, dtype=np.uint8)
+
+
+def mask_background(image: np.ndarray, mask: np.ndarray, fill: str | tuple[int, int, int] = "white") -> np.ndarray:
+    """A copy of ``image`` with pixels outside ``mask`` set to ``fill`` ("white", "black" or an RGB triple)."""
     out = image.copy()
-    out[~mask] = np.asarray(colour, dtype=np.uint8)
+    out[~mask] = fill_colour(fill)
     return out
 
 
